@@ -1,0 +1,45 @@
+"""Generating samples from a velocity model with any solver."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from solvers.base import ODESolution, Solver, Velocity
+
+
+def velocity_of(model: nn.Module, cond: Tensor | None = None) -> Velocity:
+    """The solver-facing velocity ``v(x, t)`` of a model called as ``model(x, t, r=t, cond)``."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        t_b = t.to(x.dtype).expand(len(x))
+        return model(x, t_b, t_b, cond).to(x.dtype)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    solver: Solver,
+    noise: Tensor,
+    nfe: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    trajectory_points: int = 0,
+) -> tuple[ODESolution, Tensor | None]:
+    """Integrate ``noise`` to samples; with ``trajectory_points > 0`` also return the path of the
+    first that many points as a (T, N, D) tensor (T = steps + 1)."""
+    path: list[Tensor] = []
+    callback = None
+    if trajectory_points:
+        path.append(noise[:trajectory_points].float().cpu())
+
+        def callback(t: Tensor, x: Tensor) -> None:
+            path.append(x[:trajectory_points].float().cpu())
+
+    with autocast():
+        solution = solver(velocity_of(model), noise, nfe, callback)
+    return solution, torch.stack(path) if path else None

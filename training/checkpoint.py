@@ -1,0 +1,70 @@
+"""Checkpoint files: written atomically, read with ``weights_only=True``, validated on load."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.errors import UserError
+
+FORMAT = "denoising-zoo/1"
+REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "lr_schedule", "scaler", "step", "epoch", "rng", "config")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk mid-write leaves the previous file at ``path`` untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load and validate a checkpoint; every failure is a one-line ``UserError``."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; pass the path of a last.pt or archived .pt under outputs/ckpts/")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{what} {path} is truncated or not a torch checkpoint ({reason}); use another file, e.g. an archived one"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{what} {path} is not a DenoisingZoo checkpoint (no '{FORMAT}' format tag); pass a file written by launcher.py")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{what} {path} lacks {', '.join(missing)}; it is damaged: use another checkpoint")
+    return state
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """``"model.hidden: 256 -> 128"`` for every key of ``sections`` that differs."""
+    a = flatten({s: saved.get(s) for s in sections})
+    b = flatten({s: current.get(s) for s in sections})
+    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]

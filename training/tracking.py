@@ -1,0 +1,48 @@
+"""Experiment tracking with trackio (local SQLite under ``TRACKIO_DIR``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Does nothing: what a run with ``trackio.enabled=false`` logs to."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class TrackioTracker(Tracker):
+    """One trackio run named after the run; resumes the same trackio run on ``resume=true``."""
+
+    def __init__(self, project: str, run_name: str, config: dict[str, Any], resume: bool, system_metrics: bool):
+        import trackio  # imported here: it loads a web stack that runs without tracking never need
+
+        self._trackio = trackio
+        trackio.init(
+            project=project,
+            name=run_name,
+            config=config,
+            resume="allow" if resume else "never",
+            auto_log_cpu=system_metrics,
+            auto_log_gpu=system_metrics,
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._trackio.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self._trackio.finish()
+
+
+def make_tracker(enabled: bool, project: str, run_name: str, config: dict[str, Any], resume: bool,
+                 system_metrics: bool = False) -> Tracker:
+    if not enabled:
+        return Tracker()
+    return TrackioTracker(project, run_name, config, resume, system_metrics)

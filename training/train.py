@@ -1,0 +1,219 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: turn the config into objects once, run, write outputs.
+
+Below this module nothing reads a DictConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
+from training.errors import NonFiniteLossError, UserError
+from training.experiment_log import append_entry
+from training.precision import Precision, resolve_device
+from training.seeding import rng_state, seed_everything, set_rng_state
+from training.tracking import Tracker, make_tracker
+from training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESUME_SECTIONS = ("model", "loss")
+
+
+def require_run_name(cfg: DictConfig) -> str:
+    name = cfg.get("run_name") if not OmegaConf.is_missing(cfg, "run_name") else None
+    if not name:
+        raise UserError("run_name is required: add run_name=<name> (it names the checkpoint folder, trackio run and log entry)")
+    if not RUN_NAME.match(str(name)):
+        raise UserError(f"run_name={name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a folder name)")
+    return str(name)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _finish(cfg: DictConfig, run_name: str, status: str, metrics: dict[str, float], checkpoint: Path | None,
+            started: datetime, t0: float) -> None:
+    append_entry(
+        Path(cfg.paths.experiment_log),
+        run_name=run_name,
+        status=status,
+        overrides=list(cfg.get("overrides") or [f"run_name={run_name}"]),
+        metrics=metrics,
+        checkpoint=checkpoint,
+        duration_s=time.perf_counter() - t0,
+        started=started,
+    )
+
+
+def _check_resume(state: dict[str, Any], resolved: dict[str, Any], path: Path) -> None:
+    diffs = config_differences(state["config"], resolved, RESUME_SECTIONS)
+    if diffs:
+        raise UserError(
+            f"resume refused: {path} was trained with a different model/loss ({'; '.join(diffs)}); "
+            "use the original settings or a new run_name"
+        )
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one run; returns its final metrics and the objects built (for tests and scripts)."""
+    if cfg.get("eval_checkpoint"):
+        return evaluate(cfg)
+    run_name = require_run_name(cfg)
+    started, t0 = datetime.now(), time.perf_counter()
+    device = resolve_device(cfg.device)
+    precision: Precision = instantiate(cfg.precision)
+    precision.check(device)
+    precision.apply()
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    last_path = ckpt_dir / "last.pt"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    state = None
+    if cfg.resume:
+        if not last_path.exists():
+            raise UserError(f"resume=true but no checkpoint at {last_path}; check run_name and model, or drop resume=true to start the run")
+        state = load_checkpoint(last_path, "resume checkpoint")
+        _check_resume(state, resolved, last_path)
+    elif last_path.exists():
+        if not cfg.overwrite:
+            raise UserError(
+                f"run '{run_name}' already has a checkpoint at {last_path}; pass resume=true to continue it, "
+                "overwrite=true to start over, or choose another run_name"
+            )
+        shutil.rmtree(ckpt_dir)
+
+    data = instantiate(cfg.dataloaders)
+    model = instantiate(cfg.model).to(device)
+    loss_fn = instantiate(cfg.loss)
+    solver = instantiate(cfg.solver)
+    evaluator = instantiate(cfg.eval)
+    loader = data.train_loader(device, cfg.seed)
+    steps_per_epoch = len(loader) // cfg.trainer.grad_accum
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    lr_schedule = instantiate(cfg.lr_schedule)(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
+    tracker: Tracker = make_tracker(
+        cfg.trackio.enabled, cfg.trackio.project, run_name, resolved, resume=bool(cfg.resume),
+        system_metrics=cfg.trackio.system_metrics,
+    )
+    trainer: Trainer = instantiate(cfg.trainer)(
+        model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr_schedule,
+        precision=precision, device=device, tracker=tracker,
+    )
+    if state is not None:
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        log.info("resumed %s at step %d (epoch %d)", last_path, trainer.step, trainer.epoch)
+
+    run_dir = Path(cfg.paths.run_dir)
+    reference = data.eval_set
+    autocast = partial(precision.autocast_context, device)
+    eval_model = trainer.ema.module if cfg.eval_use_ema else model
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.3fM parameters; %d steps/epoch on %s, precision %s", type(model).__name__, n_params / 1e6,
+             steps_per_epoch, device, precision.name)
+
+    def checkpoint(path: Path, metrics: dict[str, float]) -> None:
+        save_checkpoint({"format": FORMAT, **trainer.state_dict(), "rng": rng_state(), "config": resolved,
+                         "metrics": metrics}, path)
+
+    latest: dict[str, float] = {}
+
+    def on_epoch_end(epoch: int) -> None:
+        if epoch < cfg.epochs and evaluator.every_epochs and epoch % evaluator.every_epochs == 0:
+            latest.update(evaluator(eval_model, solver, reference, device, autocast))
+            tracker.log(latest, step=trainer.step)
+            log.info("epoch %d: %s", epoch, _brief(latest))
+        if epoch % cfg.checkpoint.every_epochs == 0:
+            checkpoint(last_path, latest)
+        if cfg.checkpoint.archive_every_epochs and epoch % cfg.checkpoint.archive_every_epochs == 0:
+            checkpoint(ckpt_dir / "archive" / f"epoch_{epoch:04d}.pt", latest)
+
+    try:
+        trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end)
+        metrics = evaluator(eval_model, solver, reference, device, autocast, out_dir=run_dir)
+        metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
+        metrics["train/steps"] = float(trainer.step)
+        metrics["train/ms_per_step"] = 1000 * trainer.train_seconds / max(1, trainer.train_steps)
+        metrics["params"] = float(n_params)
+        checkpoint(last_path, metrics)
+        tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.step)
+    except NonFiniteLossError as e:
+        kept = last_path if last_path.exists() else None
+        _finish(cfg, run_name, f"failed: {e}", latest, kept, started, t0)
+        tracker.finish()
+        raise NonFiniteLossError(f"{e} (last good checkpoint: {kept or 'none yet'})") from None
+    except BaseException as e:
+        _finish(cfg, run_name, f"failed: {type(e).__name__}: {e}", latest, last_path if last_path.exists() else None, started, t0)
+        tracker.finish()
+        raise
+    tracker.finish()
+    _write_json(run_dir / "metrics.json", metrics)
+    _finish(cfg, run_name, "completed", metrics, last_path, started, t0)
+    objects = {"model": model, "ema": trainer.ema, "trainer": trainer, "data": data, "solver": solver,
+               "run_dir": run_dir, "checkpoint": last_path}
+    return metrics, objects
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Eval-only run: rebuild the model from the checkpoint's own config and score its EMA weights.
+
+    Creates no trackio run; metrics go to the run directory's metrics.json and the log.
+    """
+    run_name = require_run_name(cfg)
+    started, t0 = datetime.now(), time.perf_counter()
+    path = Path(cfg.eval_checkpoint)
+    state = load_checkpoint(path, "eval_checkpoint")
+    device = resolve_device(cfg.device)
+    precision: Precision = instantiate(cfg.precision)
+    precision.check(device)
+    precision.apply()
+    saved = OmegaConf.create(state["config"])
+    model = instantiate(saved.model)
+    weights = state["ema"] if cfg.eval_use_ema else state["model"]
+    if cfg.eval_use_ema:
+        weights = {k.removeprefix("module."): v for k, v in weights.items() if k.startswith("module.")}
+    model.load_state_dict(weights)
+    model.to(device)
+    data = instantiate(saved.dataloaders)
+    solver = instantiate(cfg.solver)
+    evaluator = instantiate(cfg.eval)
+    run_dir = Path(cfg.paths.run_dir)
+    metrics = evaluator(model, solver, data.eval_set, device, partial(precision.autocast_context, device), out_dir=run_dir)
+    metrics["checkpoint_step"] = float(state["step"])
+    _write_json(run_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
+    return metrics, {"model": model, "data": data, "solver": solver, "run_dir": run_dir}
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if "energy_distance" in k)
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Energy distance per NFE as a small text table."""
+    rows = [(k.split("@")[1], v, metrics.get(f"eval/nfe_used@{k.split('@')[1]}", float("nan")))
+            for k, v in metrics.items() if k.startswith("eval/energy_distance@")]
+    lines = [f"{'budget':>10} {'NFE used':>9} {'energy distance':>16}"]
+    lines += [f"{key:>10} {int(used):>9d} {value:>16.5f}" for key, value, used in rows]
+    return "\n".join(lines)
+
+
