@@ -1,0 +1,65 @@
+"""Shared fixtures: configs composed exactly as the launcher composes them, shrunk to run in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+TINY = [
+    "run_name=test",
+    "device=cpu",
+    "trackio.enabled=false",
+    "epochs=2",
+    "dataloaders.num_train=1024",
+    "dataloaders.num_eval=256",
+    "dataloaders.batch_size=128",
+    "model.hidden=32",
+    "eval.nfe=[1,4]",
+    "eval.num_samples=256",
+    "eval.every_epochs=1",
+    "eval.trajectory_points=16",
+    "checkpoint.archive_every_epochs=1",
+]
+
+
+def compose_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The launcher's config with TINY settings, every output under ``tmp_path``."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                *TINY,
+                f"paths.root={tmp_path}/outputs",
+                f"paths.run_dir={tmp_path}/run",
+                f"paths.experiment_log={tmp_path}/EXPERIMENT_LOG.md",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("loss=fm_ot", ...)`` -> a composed tiny config writing under tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(tmp_path, overrides)
+
+    return make
