@@ -26,7 +26,7 @@ class FlowMatchingLoss:
         x_1 = batch["x1"]
         x_0 = torch.randn_like(x_1)
         x_0, x_1 = self.coupling(x_0, x_1)
-        t = torch.rand(len(x_1), device=x_1.device)
+        t = torch.rand(len(x_1), device=x_1.device, dtype=x_1.dtype)
         t_ = t.view(-1, *([1] * (x_1.ndim - 1)))
         x_t = torch.lerp(x_0, x_1, t_)
         if self.sigma > 0:

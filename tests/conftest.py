@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -52,6 +52,8 @@ def compose_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) 
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in the launcher, the task sees the config without Hydra's own node
     return cfg
 
 

@@ -39,7 +39,7 @@ def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
         raise UserError(f"{what} {path} does not exist; pass the path of a last.pt or archived .pt under outputs/ckpts/")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
             f"{what} {path} is truncated or not a torch checkpoint ({reason}); use another file, e.g. an archived one"

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from losses.base import LossOutput
+from training.ema import ema_with_warmup
 from training.errors import NonFiniteLossError
 from training.precision import Precision
 from training.tracking import Tracker
@@ -61,7 +62,7 @@ class Trainer:
             raise ValueError(f"trainer.grad_accum must be >= 1, got {grad_accum}")
         self.model = model
         self.train_model: nn.Module = torch.compile(model, mode=compile_mode) if compile else model  # type: ignore[assignment]
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
