@@ -218,3 +218,11 @@ def test_experiment_log_appends_without_touching_earlier_entries(make_cfg, tmp_p
     text = log.read_text()
     assert text.startswith("# my notes\n\nhand-written text\n")
     assert text.index("test · completed") < text.index("second · completed")
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_state_dicts(make_cfg):
+    metrics, objects = train(make_cfg("compile=true"))
+    state = load_checkpoint(objects["checkpoint"])
+    assert not any("_orig_mod" in k for k in state["model"])
+    assert metrics["train/final_loss"] < 10

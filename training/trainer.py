@@ -200,6 +200,8 @@ class Trainer:
                         "train/skipped_batches": float(self.skipped_batches),
                         "epoch": float(self.epoch),
                     }
+                    if self.device.type == "cuda":
+                        metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                     self.tracker.log(metrics, step=self.step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
