@@ -1,8 +1,8 @@
 """DenoisingZoo entry point: compose the Hydra config and train (or evaluate) one run.
 
-    python launcher.py run_name=NAME [group=option ...] [key=value ...]
-    python launcher.py -m run_name=sweep seed=0,1,2      # one job per combination
-    python launcher.py --help                             # groups, options and defaults
+python launcher.py run_name=NAME [group=option ...] [key=value ...]
+python launcher.py -m run_name=sweep seed=0,1,2      # one job per combination
+python launcher.py --help                             # groups, options and defaults
 """
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ class TensorLoader:
     def __init__(self, data: Tensor, batch_size: int, seed: int, drop_last: bool = True):
         if batch_size > len(data):
             raise ValueError(
-                f"batch_size={batch_size} exceeds the {len(data)} training samples; "
-                "lower batch_size or raise num_train"
+                f"batch_size={batch_size} exceeds the {len(data)} training samples; lower batch_size or raise num_train"
             )
         self.data = data
         self.batch_size = batch_size

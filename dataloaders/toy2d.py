@@ -31,9 +31,7 @@ def sample_moons(n: int, noise: float = 0.2, generator: torch.Generator | None =
     return (3 * x - 1).float()
 
 
-def sample_8gaussians(
-    n: int, scale: float = 5.0, var: float = 0.1, generator: torch.Generator | None = None
-) -> Tensor:
+def sample_8gaussians(n: int, scale: float = 5.0, var: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
     """Eight Gaussians on a circle of radius ``scale``, as torchcfm's ``sample_8gaussians``.
 
     torchcfm builds ``MultivariateNormal(0, sqrt(var) * I)``: the covariance is ``sqrt(var)``,

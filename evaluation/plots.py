@@ -24,7 +24,7 @@ def scatter_samples(data: np.ndarray, samples: dict[str, np.ndarray], path: Path
     n = 1 + len(samples)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
     x0, x1, y0, y1 = _limits(data, *samples.values())
-    for ax, (title, pts) in zip(axes[0], [("data", data), *samples.items()]):
+    for ax, (title, pts) in zip(axes[0], [("data", data), *samples.items()], strict=True):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color="black" if title == "data" else "tab:blue")
         ax.set(title=title, xlim=(x0, x1), ylim=(y0, y1), xticks=[], yticks=[], aspect="equal")
     fig.tight_layout()

@@ -27,8 +27,14 @@ class EnergyDistanceEval:
     An adaptive solver is run once and reported under ``@adaptive``.
     """
 
-    def __init__(self, nfe: list[int], num_samples: int = 5000, every_epochs: int = 10, seed: int = 1234,
-                 trajectory_points: int = 256):
+    def __init__(
+        self,
+        nfe: list[int],
+        num_samples: int = 5000,
+        every_epochs: int = 10,
+        seed: int = 1234,
+        trajectory_points: int = 256,
+    ):
         self.nfe = list(nfe)
         self.num_samples = num_samples
         self.every_epochs = every_epochs
@@ -57,7 +63,9 @@ class EnergyDistanceEval:
         for i, budget in enumerate(budgets):
             last = i == len(budgets) - 1
             want_path = self.trajectory_points if (out_dir is not None and last) else 0
-            solution, path = sample(model, solver, noise, 0 if budget == "adaptive" else int(budget), autocast, want_path)
+            solution, path = sample(
+                model, solver, noise, 0 if budget == "adaptive" else int(budget), autocast, want_path
+            )
             key = "adaptive" if budget == "adaptive" else f"nfe{budget}"
             metrics[f"eval/energy_distance@{key}"] = energy_distance(solution.x, reference.to(device))
             metrics[f"eval/nfe_used@{key}"] = float(solution.nfe)

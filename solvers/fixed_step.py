@@ -22,7 +22,7 @@ class FixedStepSolver(Solver):
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         steps = max(1, nfe // self.stages)
         ts = uniform_grid(steps, device=x.device, dtype=x.dtype)
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for t, t_next in zip(ts[:-1], ts[1:], strict=True):
             x = self.step(velocity, x, t, t_next - t)
             if callback is not None:
                 callback(t_next, x)

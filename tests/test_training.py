@@ -21,8 +21,9 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["dataloaders", "model", "loss", "solver", "optimizer", "lr_schedule", "trainer",
-                                   "eval", "precision"])
+@pytest.mark.parametrize(
+    "group", ["dataloaders", "model", "loss", "solver", "optimizer", "lr_schedule", "trainer", "eval", "precision"]
+)
 def test_every_group_option_instantiates(make_cfg, group):
     for option in options(group):
         cfg = make_cfg(f"{group}={option}")
@@ -45,8 +46,13 @@ def test_training_writes_every_output(make_cfg, tmp_path):
     run_dir = tmp_path / "run"
     ckpts = tmp_path / "outputs" / "ckpts" / "mlp" / "test"
     saved = json.loads((run_dir / "metrics.json").read_text())
-    assert set(saved) >= {"eval/energy_distance@nfe1", "eval/energy_distance@nfe4", "eval/nfe_used@nfe4",
-                          "train/final_loss", "train/ms_per_step"}
+    assert set(saved) >= {
+        "eval/energy_distance@nfe1",
+        "eval/energy_distance@nfe4",
+        "eval/nfe_used@nfe4",
+        "train/final_loss",
+        "train/ms_per_step",
+    }
     assert saved == pytest.approx(metrics)
     for name in ("samples_nfe1.npy", "samples_nfe4.npy", "samples.png", "trajectories.png"):
         assert (run_dir / name).stat().st_size > 0
@@ -63,8 +69,18 @@ def test_training_writes_every_output(make_cfg, tmp_path):
 
 
 def test_flow_matching_learns_moons(make_cfg):
-    metrics, objects = train(make_cfg("epochs=10", "dataloaders.num_train=4096", "model.hidden=64", "eval.nfe=[20]", "eval.num_samples=1000",
-                                      "dataloaders.num_eval=1000", "eval.every_epochs=0", "lr_schedule=constant"))
+    metrics, objects = train(
+        make_cfg(
+            "epochs=10",
+            "dataloaders.num_train=4096",
+            "model.hidden=64",
+            "eval.nfe=[20]",
+            "eval.num_samples=1000",
+            "dataloaders.num_eval=1000",
+            "eval.every_epochs=0",
+            "lr_schedule=constant",
+        )
+    )
     losses = objects["trainer"].losses
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     # untrained: samples stay near N(0, I); the moons' energy distance to it is ~1.3
@@ -83,7 +99,7 @@ def test_resume_continues_exactly(make_cfg):
     train(make_cfg("epochs=3", "deterministic=true", "run_name=split", "max_steps=11"))
     resumed = train(make_cfg("epochs=3", "deterministic=true", "run_name=split", "resume=true"))
     assert resumed[1]["trainer"].losses == full[1]["trainer"].losses[11:]
-    for a, b in zip(full[1]["model"].parameters(), resumed[1]["model"].parameters()):
+    for a, b in zip(full[1]["model"].parameters(), resumed[1]["model"].parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed[0]["eval/energy_distance@nfe4"] == full[0]["eval/energy_distance@nfe4"]
 
@@ -120,14 +136,19 @@ def test_resume_with_different_model_or_loss_is_refused_with_the_keys(make_cfg):
     train(make_cfg())
     with pytest.raises(UserError, match=r"model.hidden: 32 -> 64"):
         train(make_cfg("resume=true", "model.hidden=64"))
-    with pytest.raises(UserError, match=r"loss.coupling._target_: losses.coupling.IndependentCoupling -> losses.coupling.OTCoupling"):
+    with pytest.raises(
+        UserError, match=r"loss.coupling._target_: losses.coupling.IndependentCoupling -> losses.coupling.OTCoupling"
+    ):
         train(make_cfg("resume=true", "loss=fm_ot"))
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    (b"not a checkpoint at all", "truncated or not a torch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"not a checkpoint at all", "truncated or not a torch checkpoint"),
+    ],
+)
 def test_eval_checkpoint_missing_or_garbage(make_cfg, tmp_path, content, message):
     path = tmp_path / "x.pt"
     if content is not None:
@@ -151,8 +172,14 @@ def test_eval_checkpoint_truncated_or_foreign(make_cfg, tmp_path):
 
 def test_eval_checkpoint_scores_the_saved_model(make_cfg, tmp_path):
     trained, objects = train(make_cfg())
-    metrics, _ = train(make_cfg(f"eval_checkpoint={objects['checkpoint']}", "run_name=ev", "model.hidden=999",
-                                f"paths.run_dir={tmp_path}/eval_run"))
+    metrics, _ = train(
+        make_cfg(
+            f"eval_checkpoint={objects['checkpoint']}",
+            "run_name=ev",
+            "model.hidden=999",
+            f"paths.run_dir={tmp_path}/eval_run",
+        )
+    )
     # the model is rebuilt from the checkpoint's config, whatever model.* says now
     assert metrics["eval/energy_distance@nfe4"] == trained["eval/energy_distance@nfe4"]
     assert json.loads((tmp_path / "eval_run" / "metrics.json").read_text())["checkpoint_step"] == 16
@@ -161,16 +188,22 @@ def test_eval_checkpoint_scores_the_saved_model(make_cfg, tmp_path):
 def test_eval_with_another_solver_reports_its_nfe(make_cfg, tmp_path):
     _, objects = train(make_cfg())
     metrics, _ = train(make_cfg(f"eval_checkpoint={objects['checkpoint']}", "solver=dopri5"))
-    assert set(k for k in metrics if k.startswith("eval/")) == {"eval/energy_distance@adaptive", "eval/nfe_used@adaptive"}
+    assert set(k for k in metrics if k.startswith("eval/")) == {
+        "eval/energy_distance@adaptive",
+        "eval/nfe_used@adaptive",
+    }
     assert metrics["eval/nfe_used@adaptive"] >= 6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
-@pytest.mark.parametrize("override, message", [
-    ("device=cuda", "device=cuda but CUDA is not available"),
-    ("precision=fp16", "precision=fp16 needs CUDA"),
-    ("precision=tf32", "precision=tf32 \\(TensorFloat-32\\) needs an NVIDIA GPU"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("device=cuda", "device=cuda but CUDA is not available"),
+        ("precision=fp16", "precision=fp16 needs CUDA"),
+        ("precision=tf32", "precision=tf32 \\(TensorFloat-32\\) needs an NVIDIA GPU"),
+    ],
+)
 def test_device_or_precision_the_machine_lacks(make_cfg, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         train(make_cfg(override))
@@ -179,7 +212,10 @@ def test_device_or_precision_the_machine_lacks(make_cfg, tmp_path, override, mes
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg("loss._target_=helpers.NaNAfter", "+loss.after=12", "epochs=3")
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 13 \(epoch 1\).*nan_policy=skip.*last good checkpoint: .*last.pt"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"loss is nan at step 13 \(epoch 1\).*nan_policy=skip.*last good checkpoint: .*last.pt",
+    ):
         train(cfg)
     state = load_checkpoint(tmp_path / "outputs" / "ckpts" / "mlp" / "test" / "last.pt")
     assert state["step"] == 8 and all(torch.isfinite(v).all() for v in state["model"].values())

@@ -13,7 +13,20 @@ import torch
 from training.errors import UserError
 
 FORMAT = "denoising-zoo/1"
-REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "lr_schedule", "scaler", "step", "epoch", "rng", "config")
+REQUIRED_KEYS = (
+    "format",
+    "model",
+    "ema",
+    "optimizer",
+    "lr_schedule",
+    "scaler",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "skipped_batches",
+    "rng",
+    "config",
+)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -36,16 +49,21 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
     """Load and validate a checkpoint; every failure is a one-line ``UserError``."""
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist; pass the path of a last.pt or archived .pt under outputs/ckpts/")
+        raise UserError(
+            f"{what} {path} does not exist; pass the path of a last.pt or archived .pt under outputs/ckpts/"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
-            f"{what} {path} is truncated or not a torch checkpoint ({reason}); use another file, e.g. an archived one"
+            f"{what} {path} is truncated or not a torch checkpoint ({type(e).__name__} while reading it); "
+            "use another file, e.g. an archived one"
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{what} {path} is not a DenoisingZoo checkpoint (no '{FORMAT}' format tag); pass a file written by launcher.py")
+        raise UserError(
+            f"{what} {path} is not a DenoisingZoo checkpoint (no '{FORMAT}' format tag); "
+            "pass a file written by launcher.py"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise UserError(f"{what} {path} lacks {', '.join(missing)}; it is damaged: use another checkpoint")
@@ -67,4 +85,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], sections:
     """``"model.hidden: 256 -> 128"`` for every key of ``sections`` that differs."""
     a = flatten({s: saved.get(s) for s in sections})
     b = flatten({s: current.get(s) for s in sections})
-    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]

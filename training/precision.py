@@ -49,13 +49,22 @@ class Precision:
     def check(self, device: torch.device) -> None:
         """Refuse a precision the device cannot run, before any work is done."""
         if self.autocast == "float16" and device.type != "cuda":
-            raise UserError(f"precision={self.name} needs CUDA (autocast + GradScaler); on {device.type} use precision=bf16 or fp32")
-        if self.autocast == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise UserError(
-                f"precision={self.name} needs an Ampere or newer GPU ({torch.cuda.get_device_name(device)} lacks bf16); use precision=fp16 or fp32"
+                f"precision={self.name} needs CUDA (autocast + GradScaler); on {device.type} use precision=bf16 or fp32"
+            )
+        if (
+            self.autocast == "bfloat16"
+            and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)
+        ):
+            raise UserError(
+                f"precision={self.name} needs an Ampere or newer GPU "
+                f"({torch.cuda.get_device_name(device)} lacks bf16); use precision=fp16 or fp32"
             )
         if self.tf32 and device.type != "cuda":
-            raise UserError(f"precision={self.name} (TensorFloat-32) needs an NVIDIA GPU; on {device.type} use precision=fp32")
+            raise UserError(
+                f"precision={self.name} (TensorFloat-32) needs an NVIDIA GPU; on {device.type} use precision=fp32"
+            )
 
     def apply(self) -> None:
         """Set the process-wide matmul precision this preset asks for."""

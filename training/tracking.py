@@ -19,12 +19,29 @@ class Tracker:
 
 
 class TrackioTracker(Tracker):
-    """One trackio run named after the run; resumes the same trackio run on ``resume=true``."""
+    """One trackio run named after the run; resumes the same trackio run on ``resume=true``.
 
-    def __init__(self, project: str, run_name: str, config: dict[str, Any], resume: bool, system_metrics: bool):
+    ``overwrite`` first deletes earlier trackio runs of that name (trackio would otherwise keep
+    them beside the new one, and a dashboard would show two runs called the same).
+    """
+
+    def __init__(
+        self,
+        project: str,
+        run_name: str,
+        config: dict[str, Any],
+        resume: bool,
+        system_metrics: bool,
+        overwrite: bool = False,
+    ):
         import trackio  # imported here: it loads a web stack that runs without tracking never need
+        from trackio.sqlite_storage import SQLiteStorage
 
         self._trackio = trackio
+        if overwrite and SQLiteStorage.get_project_db_path(project).exists():
+            for record in SQLiteStorage.get_run_records(project):
+                if record["name"] == run_name:
+                    SQLiteStorage.delete_run(project, run_name, run_id=record.get("id"))
         trackio.init(
             project=project,
             name=run_name,
@@ -41,8 +58,15 @@ class TrackioTracker(Tracker):
         self._trackio.finish()
 
 
-def make_tracker(enabled: bool, project: str, run_name: str, config: dict[str, Any], resume: bool,
-                 system_metrics: bool = False) -> Tracker:
+def make_tracker(
+    enabled: bool,
+    project: str,
+    run_name: str,
+    config: dict[str, Any],
+    resume: bool,
+    system_metrics: bool = False,
+    overwrite: bool = False,
+) -> Tracker:
     if not enabled:
         return Tracker()
-    return TrackioTracker(project, run_name, config, resume, system_metrics)
+    return TrackioTracker(project, run_name, config, resume, system_metrics, overwrite)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
+from training.inference import load_eval_set, load_model
 from training.precision import Precision, resolve_device
 from training.seeding import rng_state, seed_everything, set_rng_state
 from training.tracking import Tracker, make_tracker
@@ -35,7 +36,9 @@ RESUME_SECTIONS = ("model", "loss")
 def require_run_name(cfg: DictConfig) -> str:
     name = cfg.get("run_name") if not OmegaConf.is_missing(cfg, "run_name") else None
     if not name:
-        raise UserError("run_name is required: add run_name=<name> (it names the checkpoint folder, trackio run and log entry)")
+        raise UserError(
+            "run_name is required: add run_name=<name> (it names the checkpoint folder, trackio run and log entry)"
+        )
     if not RUN_NAME.match(str(name)):
         raise UserError(f"run_name={name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a folder name)")
     return str(name)
@@ -48,8 +51,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _finish(cfg: DictConfig, run_name: str, status: str, metrics: dict[str, float], checkpoint: Path | None,
-            started: datetime, t0: float) -> None:
+def _finish(
+    cfg: DictConfig,
+    run_name: str,
+    status: str,
+    metrics: dict[str, float],
+    checkpoint: Path | None,
+    started: datetime,
+    t0: float,
+) -> None:
     append_entry(
         Path(cfg.paths.experiment_log),
         run_name=run_name,
@@ -90,7 +100,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     state = None
     if cfg.resume:
         if not last_path.exists():
-            raise UserError(f"resume=true but no checkpoint at {last_path}; check run_name and model, or drop resume=true to start the run")
+            raise UserError(
+                f"resume=true but no checkpoint at {last_path}; "
+                "check run_name and model, or drop resume=true to start the run"
+            )
         state = load_checkpoint(last_path, "resume checkpoint")
         _check_resume(state, resolved, last_path)
     elif last_path.exists():
@@ -111,12 +124,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     lr_schedule = instantiate(cfg.lr_schedule)(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
     tracker: Tracker = make_tracker(
-        cfg.trackio.enabled, cfg.trackio.project, run_name, resolved, resume=bool(cfg.resume),
+        cfg.trackio.enabled,
+        cfg.trackio.project,
+        run_name,
+        resolved,
+        resume=bool(cfg.resume),
         system_metrics=cfg.trackio.system_metrics,
+        overwrite=bool(cfg.overwrite),
     )
     trainer: Trainer = instantiate(cfg.trainer)(
-        model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr_schedule,
-        precision=precision, device=device, tracker=tracker,
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        precision=precision,
+        device=device,
+        tracker=tracker,
     )
     if state is not None:
         trainer.load_state_dict(state)
@@ -128,12 +151,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     autocast = partial(precision.autocast_context, device)
     eval_model = trainer.ema.module if cfg.eval_use_ema else model
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.3fM parameters; %d steps/epoch on %s, precision %s", type(model).__name__, n_params / 1e6,
-             steps_per_epoch, device, precision.name)
+    log.info(
+        "model: %s, %.3fM parameters; %d steps/epoch on %s, precision %s",
+        type(model).__name__,
+        n_params / 1e6,
+        steps_per_epoch,
+        device,
+        precision.name,
+    )
 
     def checkpoint(path: Path, metrics: dict[str, float]) -> None:
-        save_checkpoint({"format": FORMAT, **trainer.state_dict(), "rng": rng_state(), "config": resolved,
-                         "metrics": metrics}, path)
+        save_checkpoint(
+            {"format": FORMAT, **trainer.state_dict(), "rng": rng_state(), "config": resolved, "metrics": metrics}, path
+        )
 
     latest: dict[str, float] = {}
 
@@ -162,14 +192,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tracker.finish()
         raise NonFiniteLossError(f"{e} (last good checkpoint: {kept or 'none yet'})") from None
     except BaseException as e:
-        _finish(cfg, run_name, f"failed: {type(e).__name__}: {e}", latest, last_path if last_path.exists() else None, started, t0)
+        _finish(
+            cfg,
+            run_name,
+            f"failed: {type(e).__name__}: {e}",
+            latest,
+            last_path if last_path.exists() else None,
+            started,
+            t0,
+        )
         tracker.finish()
         raise
     tracker.finish()
     _write_json(run_dir / "metrics.json", metrics)
     _finish(cfg, run_name, "completed", metrics, last_path, started, t0)
-    objects = {"model": model, "ema": trainer.ema, "trainer": trainer, "data": data, "solver": solver,
-               "run_dir": run_dir, "checkpoint": last_path}
+    objects = {
+        "model": model,
+        "ema": trainer.ema,
+        "trainer": trainer,
+        "data": data,
+        "solver": solver,
+        "run_dir": run_dir,
+        "checkpoint": last_path,
+    }
     return metrics, objects
 
 
@@ -181,27 +226,20 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_name = require_run_name(cfg)
     started, t0 = datetime.now(), time.perf_counter()
     path = Path(cfg.eval_checkpoint)
-    state = load_checkpoint(path, "eval_checkpoint")
     device = resolve_device(cfg.device)
     precision: Precision = instantiate(cfg.precision)
     precision.check(device)
     precision.apply()
-    saved = OmegaConf.create(state["config"])
-    model = instantiate(saved.model)
-    weights = state["ema"] if cfg.eval_use_ema else state["model"]
-    if cfg.eval_use_ema:
-        weights = {k.removeprefix("module."): v for k, v in weights.items() if k.startswith("module.")}
-    model.load_state_dict(weights)
-    model.to(device)
-    data = instantiate(saved.dataloaders)
+    model, state = load_model(path, use_ema=cfg.eval_use_ema, device=device, what="eval_checkpoint")
+    reference = load_eval_set(state, path)
     solver = instantiate(cfg.solver)
     evaluator = instantiate(cfg.eval)
     run_dir = Path(cfg.paths.run_dir)
-    metrics = evaluator(model, solver, data.eval_set, device, partial(precision.autocast_context, device), out_dir=run_dir)
+    metrics = evaluator(model, solver, reference, device, partial(precision.autocast_context, device), out_dir=run_dir)
     metrics["checkpoint_step"] = float(state["step"])
     _write_json(run_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
     _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
-    return metrics, {"model": model, "data": data, "solver": solver, "run_dir": run_dir}
+    return metrics, {"model": model, "solver": solver, "run_dir": run_dir}
 
 
 def _brief(metrics: dict[str, float]) -> str:
@@ -210,10 +248,11 @@ def _brief(metrics: dict[str, float]) -> str:
 
 def metrics_table(metrics: dict[str, float]) -> str:
     """Energy distance per NFE as a small text table."""
-    rows = [(k.split("@")[1], v, metrics.get(f"eval/nfe_used@{k.split('@')[1]}", float("nan")))
-            for k, v in metrics.items() if k.startswith("eval/energy_distance@")]
+    rows = [
+        (k.split("@")[1], v, metrics.get(f"eval/nfe_used@{k.split('@')[1]}", float("nan")))
+        for k, v in metrics.items()
+        if k.startswith("eval/energy_distance@")
+    ]
     lines = [f"{'budget':>10} {'NFE used':>9} {'energy distance':>16}"]
     lines += [f"{key:>10} {int(used):>9d} {value:>16.5f}" for key, value, used in rows]
     return "\n".join(lines)
-
-

@@ -163,7 +163,9 @@ class Trainer:
             raise ValueError(f"an epoch has {len(loader)} batches, fewer than trainer.grad_accum={self.grad_accum}")  # type: ignore[arg-type]
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
         self.model.train()
-        bar = tqdm(total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
+        )
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         while self.epoch < epochs and self.step < total:
             loader.set_epoch(self.epoch)  # type: ignore[attr-defined]

@@ -1,0 +1,119 @@
+"""Plot what a trained 2D flow does: samples vs held-out data, trajectories, and an animated GIF.
+
+python scripts/visualize_2d.py outputs/ckpts/mlp/quickstart/last.pt --solver heun --nfe 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from evaluation.plots import animate_flow, plot_trajectories, scatter_samples
+from evaluation.sampling import sample
+from solvers.adaptive import Dopri5
+from solvers.base import Solver
+from solvers.fixed_step import RK4, Euler, Heun, Midpoint
+from training.errors import UserError
+from training.inference import load_eval_set, load_model
+
+SOLVERS: dict[str, type[Solver]] = {
+    "euler": Euler,
+    "heun": Heun,
+    "midpoint": Midpoint,
+    "rk4": RK4,
+    "dopri5": Dopri5,
+}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Sample a trained 2D model; write samples.png, trajectories.png, flow.gif.",
+        epilog="Exit status: 0 on success, 2 on bad input (missing or damaged checkpoint, bad option).",
+    )
+    p.add_argument("checkpoint", type=Path, help="a last.pt or archived epoch_XXXX.pt written by launcher.py")
+    p.add_argument(
+        "--solver",
+        choices=sorted(SOLVERS),
+        default="euler",
+        help="ODE solver (default: euler; dopri5 is adaptive and ignores --nfe)",
+    )
+    p.add_argument(
+        "--nfe",
+        type=positive_int,
+        default=100,
+        help="budget of model evaluations per sample (default: 100)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=2000,
+        help="samples drawn for samples.png (default: 2000)",
+    )
+    p.add_argument(
+        "--points",
+        type=positive_int,
+        default=256,
+        help="samples whose paths trajectories.png and flow.gif show (default: 256)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: viz/ next to the checkpoint)",
+    )
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--fps", type=positive_int, default=15, help="frames per second of flow.gif (default: 15)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    return p.parse_args(argv)
+
+
+def visualize(args: argparse.Namespace) -> list[Path]:
+    """Write the three figures; returns their paths."""
+    model, state = load_model(args.checkpoint, use_ema=not args.raw)
+    data = load_eval_set(state, args.checkpoint)
+    if data.ndim != 2 or data.shape[1] < 2:
+        raise UserError(
+            f"checkpoint {args.checkpoint} models data of shape {tuple(data.shape[1:])}; "
+            "this script plots (N, D >= 2) data"
+        )
+    noise = torch.randn(args.num_samples, data.shape[1], generator=torch.Generator().manual_seed(args.seed))
+    solver = SOLVERS[args.solver]()
+    solution, trajectory = sample(model, solver, noise, args.nfe, trajectory_points=min(args.points, args.num_samples))
+    assert trajectory is not None  # trajectory_points >= 1
+
+    out = args.out or args.checkpoint.parent / "viz"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = "raw" if args.raw else "EMA"
+    paths = [out / "samples.png", out / "trajectories.png", out / "flow.gif"]
+    title = f"{args.solver}, NFE {solution.nfe} ({weights})"
+    scatter_samples(data.numpy(), {title: solution.x.numpy()}, paths[0])
+    plot_trajectories(trajectory.numpy(), paths[1])
+    animate_flow(trajectory.numpy(), paths[2], fps=args.fps)
+    print(f"step {state['step']}, {weights} weights, {args.solver} with {solution.nfe} NFE")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = visualize(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

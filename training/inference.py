@@ -1,0 +1,70 @@
+"""Rebuild a trained model (and its data) from a checkpoint alone, for sampling and export scripts.
+
+The checkpoint carries its own resolved config, so no Hydra composition is needed: what was
+trained is what gets rebuilt, whatever the current config files say.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from training.checkpoint import load_checkpoint
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMA_PREFIX = "module."  # AveragedModel keeps the averaged model as ``.module``
+
+
+def model_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
+    """The raw state_dict, or the EMA one without AveragedModel's ``module.`` prefix and counter."""
+    if not use_ema:
+        return state["model"]
+    ema = state["ema"]
+    return {k.removeprefix(EMA_PREFIX): v for k, v in ema.items() if k.startswith(EMA_PREFIX)}
+
+
+def _instantiate(state: dict[str, Any], section: str, path: Path) -> Any:
+    """Build ``config[section]``; a config this code can no longer build is a bad checkpoint."""
+    config = state["config"]
+    if not isinstance(config, dict) or section not in config:
+        raise UserError(f"checkpoint {path} has no '{section}' section in its config; it is damaged")
+    try:
+        return instantiate(OmegaConf.create(config[section]))
+    except InstantiationException as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {path}: cannot rebuild its {section} ({reason})") from e
+
+
+def load_model(
+    path: Path, use_ema: bool = True, device: torch.device | str = "cpu", what: str = "checkpoint"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model in eval mode with EMA (default) or raw weights, and its state."""
+    state = load_checkpoint(path, what)
+    model: nn.Module = _instantiate(state, "model", path)
+    try:
+        model.load_state_dict(model_weights(state, use_ema))
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {path}: weights do not fit the model in its config ({reason})") from e
+    log.info(
+        "loaded %s weights of %s from %s (step %d)",
+        "EMA" if use_ema else "raw",
+        type(model).__name__,
+        path,
+        state["step"],
+    )
+    return model.to(device).eval(), state
+
+
+def load_eval_set(state: dict[str, Any], path: Path) -> Tensor:
+    """The held-out (N, D) data the checkpoint's run was scored against, rebuilt from its config."""
+    return _instantiate(state, "dataloaders", path).eval_set
