@@ -53,7 +53,7 @@ def list_runs(project: str) -> list[Run]:
             f"no trackio project '{project}' in {db.parent}; projects there: {known} "
             "(set TRACKIO_DIR or pass --project)"
         )
-    return [Run(r["name"], r.get("id"), r.get("created_at")) for r in store.get_run_records(project)]
+    return [Run(str(r["name"]), r.get("id"), r.get("created_at")) for r in store.get_run_records(project)]
 
 
 def matching_runs(pattern: str, runs: Iterable[Run]) -> list[Run]:

@@ -7,8 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+TensorList = list[Tensor] | tuple[Tensor, ...]
 
-def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+
+def ema_with_warmup(decay: float) -> Callable[[TensorList, TensorList, Tensor | int], None]:
     """Decay ``min(decay, (1 + n) / (10 + n))`` after n updates.
 
     A constant 0.999 would keep ~70% of the random initialisation after 300 steps, so short
@@ -16,7 +18,7 @@ def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tenso
     """
 
     @torch.no_grad()
-    def update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+    def update(ema: TensorList, current: TensorList, num_averaged: Tensor | int) -> None:
         if not torch.is_floating_point(ema[0]):  # integer buffers (counters) follow the model
             torch._foreach_copy_(ema, current)
             return

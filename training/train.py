@@ -95,8 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     ckpt_dir = Path(cfg.paths.ckpt_dir)
     last_path = ckpt_dir / "last.pt"
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     state = None
     if cfg.resume:
         if not last_path.exists():
