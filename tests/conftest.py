@@ -11,14 +11,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from training.compose import compose_config  # noqa: E402
 
 torch.set_num_threads(2)
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 
 TINY = [
     "run_name=test",
@@ -37,24 +34,17 @@ TINY = [
 ]
 
 
-def compose_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def tiny_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The launcher's config with TINY settings, every output under ``tmp_path``."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                *TINY,
-                f"paths.root={tmp_path}/outputs",
-                f"paths.run_dir={tmp_path}/run",
-                f"paths.experiment_log={tmp_path}/EXPERIMENT_LOG.md",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as in the launcher, the task sees the config without Hydra's own node
-    return cfg
+    return compose_config(
+        [
+            *TINY,
+            f"paths.root={tmp_path}/outputs",
+            f"paths.run_dir={tmp_path}/run",
+            f"paths.experiment_log={tmp_path}/EXPERIMENT_LOG.md",
+            *overrides,
+        ]
+    )
 
 
 @pytest.fixture
@@ -62,6 +52,6 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg("loss=fm_ot", ...)`` -> a composed tiny config writing under tmp_path."""
 
     def make(*overrides: str) -> DictConfig:
-        return compose_config(tmp_path, overrides)
+        return tiny_config(tmp_path, overrides)
 
     return make

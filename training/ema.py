@@ -1,29 +1,57 @@
-"""EMA of weights with warmup, as an ``AveragedModel`` averaging function."""
+"""Exponential moving average of a model's weights, with warmup."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from typing import Any
 
 import torch
-from torch import Tensor
-
-TensorList = list[Tensor] | tuple[Tensor, ...]
+from torch import nn
 
 
-def ema_with_warmup(decay: float) -> Callable[[TensorList, TensorList, Tensor | int], None]:
-    """Decay ``min(decay, (1 + n) / (10 + n))`` after n updates.
+class EMA:
+    """A frozen copy of ``model`` whose floating-point parameters and buffers trail the model's.
 
-    A constant 0.999 would keep ~70% of the random initialisation after 300 steps, so short
-    runs would be evaluated on a model that barely trained; the warmup follows the weights early.
+    Decay after n updates is ``min(decay, (1 + n) / (10 + n))``: a constant 0.999 would keep ~70%
+    of the random initialisation after 300 steps, so short runs would be scored on a model that
+    barely trained. Integer buffers (counters) are copied. ``torch.optim.swa_utils.AveragedModel``
+    does the same job but reads its counter back from the device on every update, which stalls
+    a CUDA stream once per step; the step count here is a Python int.
     """
 
-    @torch.no_grad()
-    def update(ema: TensorList, current: TensorList, num_averaged: Tensor | int) -> None:
-        if not torch.is_floating_point(ema[0]):  # integer buffers (counters) follow the model
-            torch._foreach_copy_(ema, current)
-            return
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema, current, 1 - d)
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1], got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self._pairs_of: nn.Module | None = None
+        self._cache: tuple[list[torch.Tensor], ...] = ()
 
-    return update
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(EMA floats, model floats, EMA others, model others), built once per model."""
+        if self._pairs_of is not model:
+            ema = [*self.module.parameters(), *self.module.buffers()]
+            cur = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            is_float = [t.is_floating_point() for t in ema]
+            self._cache = (
+                [t for t, f in zip(ema, is_float, strict=True) if f],
+                [t for t, f in zip(cur, is_float, strict=True) if f],
+                [t for t, f in zip(ema, is_float, strict=True) if not f],
+                [t for t, f in zip(cur, is_float, strict=True) if not f],
+            )
+            self._pairs_of = model
+        return self._cache
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, num_updates: int) -> None:
+        d = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        ema_f, cur_f, ema_o, cur_o = self._pairs(model)
+        torch._foreach_lerp_(ema_f, cur_f, 1 - d)
+        if ema_o:
+            torch._foreach_copy_(ema_o, cur_o)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)

@@ -21,15 +21,10 @@ from training.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EMA_PREFIX = "module."  # AveragedModel keeps the averaged model as ``.module``
-
 
 def model_weights(state: dict[str, Any], use_ema: bool) -> dict[str, Tensor]:
-    """The raw state_dict, or the EMA one without AveragedModel's ``module.`` prefix and counter."""
-    if not use_ema:
-        return state["model"]
-    ema = state["ema"]
-    return {k.removeprefix(EMA_PREFIX): v for k, v in ema.items() if k.startswith(EMA_PREFIX)}
+    """The EMA weights (what evaluation uses by default) or the raw ones."""
+    return state["ema"] if use_ema else state["model"]
 
 
 def _instantiate(state: dict[str, Any], section: str, path: Path) -> Any:

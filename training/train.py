@@ -9,12 +9,14 @@ import json
 import logging
 import re
 import shutil
+import statistics
 import time
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -182,7 +184,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
         metrics["train/steps"] = float(trainer.step)
         metrics["train/ms_per_step"] = 1000 * trainer.train_seconds / max(1, trainer.train_steps)
+        if len(trainer.step_rates) > 1:  # the first window holds warm-up (and torch.compile) time
+            metrics["train/ms_per_step_steady"] = 1000 / statistics.median(trainer.step_rates[1:])
         metrics["params"] = float(n_params)
+        if device.type == "cuda":
+            metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         checkpoint(last_path, metrics)
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.step)
     except NonFiniteLossError as e:

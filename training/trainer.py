@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from losses.base import LossOutput
-from training.ema import ema_with_warmup
+from training.ema import EMA
 from training.errors import NonFiniteLossError
 from training.precision import Precision
 from training.tracking import Tracker
@@ -62,9 +61,10 @@ class Trainer:
             raise ValueError(f"trainer.grad_accum must be >= 1, got {grad_accum}")
         self.model = model
         self.train_model: nn.Module = torch.compile(model, mode=compile_mode) if compile else model  # type: ignore[assignment]
-        self.ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        self.ema = EMA(model, ema_decay)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.lr_schedule = lr_schedule
         self.precision = precision
         self.device = device
@@ -81,6 +81,7 @@ class Trainer:
         self.losses: list[float] = []  # one per optimizer step run in this process
         self.train_seconds = 0.0
         self.train_steps = 0
+        self.step_rates: list[float] = []  # steps/s of each logging window, for steady-state speed
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -108,43 +109,52 @@ class Trainer:
         self.skipped_batches = state["skipped_batches"]
 
     # --- one optimizer step ------------------------------------------------------------------
-    def _micro_step(self, batch: dict[str, Tensor]) -> float | None:
-        """Forward and backward one micro-batch; None when its loss was non-finite and skipped."""
+    def _micro_step(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Forward and backward one micro-batch; returns its detached loss, None if skipped.
+
+        Nothing here reads a value back from the device (a CUDA stall): non-finite losses are
+        found when a window of losses is read at the next log point, except under
+        ``nan_policy=skip``, which must decide before the backward pass and so checks every batch.
+        """
         with self.precision.autocast_context(self.device):
             out = self.loss_fn(self.train_model, batch)
-        value = out.loss.item()
-        if not math.isfinite(value):
-            self._non_finite(f"loss is {value}")
+        if self.nan_policy == "skip" and not torch.isfinite(out.loss):
+            self.skipped_batches += 1
+            log.warning("loss is %s at step %d: batch skipped (nan_policy=skip)", out.loss.item(), self.step + 1)
             return None
-        self.scaler.scale(out.loss / self.grad_accum).backward()
-        return value
+        loss = out.loss if self.grad_accum == 1 else out.loss / self.grad_accum
+        self.scaler.scale(loss).backward()
+        return out.loss.detach()
 
-    def _non_finite(self, what: str) -> None:
-        if self.nan_policy == "stop":
-            raise NonFiniteLossError(
-                f"{what} at step {self.step + 1} (epoch {self.epoch}); training stopped and the last good "
-                "checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
-            )
-        self.skipped_batches += 1
-        log.warning("%s at step %d: batch skipped (nan_policy=skip)", what, self.step + 1)
-
-    def _optimizer_step(self) -> tuple[float, float] | None:
-        """Unscale, clip, step; returns (pre-clip, post-clip) gradient norms, None if skipped."""
+    def _optimizer_step(self, measure_norm: bool) -> Tensor | None:
+        """Unscale, clip, step, update the EMA; returns the pre-clip gradient norm when it was
+        computed (always when clipping, else only if ``measure_norm``)."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.grad_clip if self.grad_clip else math.inf
-        pre = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(pre) and not self.scaler.is_enabled():
-            self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(f"gradient norm is {pre}")
-            return None
-        post = pre * min(1.0, max_norm / (pre + 1e-6)) if math.isfinite(pre) else pre
+        norm = None
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        elif measure_norm:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
-        self.ema.update_parameters(self.model)
-        return pre, post
+        self.ema.update(self.model, self.step)
+        return norm
+
+    def _flush(self, pending: list[Tensor]) -> list[float]:
+        """Read a window of step losses back from the device and stop at the first non-finite one."""
+        values = torch.stack(pending).tolist() if pending else []
+        first = self.step - len(values) + 1
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {first + i} (epoch {self.epoch}); training stopped and the last good "
+                    "checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
+                )
+        self.losses.extend(values)
+        pending.clear()
+        return values
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(
@@ -156,64 +166,69 @@ class Trainer:
     ) -> None:
         """Train until ``epochs`` are done or ``max_steps`` optimizer steps are reached.
 
-        ``on_epoch_end(epoch)`` runs after every completed epoch (evaluation, checkpoints).
+        ``on_epoch_end(epoch)`` runs after every completed epoch (evaluation, checkpoints), always
+        after the epoch's losses were checked, so a checkpoint never holds weights past a NaN.
         """
         steps_per_epoch = len(loader) // self.grad_accum  # type: ignore[arg-type]
         if steps_per_epoch == 0:
-            raise ValueError(f"an epoch has {len(loader)} batches, fewer than trainer.grad_accum={self.grad_accum}")  # type: ignore[arg-type]
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than trainer.grad_accum={self.grad_accum}"  # type: ignore[arg-type]
+            )
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
         self.model.train()
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
         )
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        pending: list[Tensor] = []  # step losses not yet read back from the device
+        window_start, window_steps = time.perf_counter(), 0
         while self.epoch < epochs and self.step < total:
             loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
             batches = itertools.islice(iter(loader), self.batch_in_epoch, steps_per_epoch * self.grad_accum)
-            t0 = time.perf_counter()
-            steps_before = self.step
-            group_loss, group_n = 0.0, 0
+            t0, steps_before = time.perf_counter(), self.step
+            group: list[Tensor] = []
             for batch in batches:
                 self.batch_in_epoch += 1
-                value = self._micro_step(batch)
-                if value is not None:
-                    group_loss += value
-                    group_n += 1
+                loss = self._micro_step(batch)
+                if loss is not None:
+                    group.append(loss)
                 if self.batch_in_epoch % self.grad_accum:
                     continue
-                norms = self._optimizer_step() if group_n else None
-                group_mean = group_loss / max(1, group_n)
-                group_loss, group_n = 0.0, 0
-                if norms is None:
+                if not group:  # every micro-batch of the group was skipped
                     continue
+                log_now = (self.step + 1) % self.log_every == 0 or self.step + 1 == total
+                norm = self._optimizer_step(measure_norm=log_now)
                 self.step += 1
-                self.losses.append(group_mean)
-                window_loss += group_mean
                 window_steps += 1
-                bar.update(1)
-                if self.step % self.log_every == 0 or self.step == total:
+                pending.append(torch.stack(group).mean() if len(group) > 1 else group[0])
+                group = []
+                if log_now:
+                    values = self._flush(pending)
                     elapsed = time.perf_counter() - window_start
+                    pre = float(norm) if norm is not None else math.nan
                     metrics = {
-                        "train/loss": window_loss / max(1, window_steps),
+                        "train/loss": sum(values) / len(values),
                         "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "train/grad_norm_pre_clip": norms[0],
-                        "train/grad_norm_post_clip": norms[1],
+                        "train/grad_norm_pre_clip": pre,
+                        "train/grad_norm_post_clip": min(pre, self.grad_clip) if self.grad_clip else pre,
                         "train/steps_per_sec": window_steps / elapsed,
                         "train/skipped_batches": float(self.skipped_batches),
                         "epoch": float(self.epoch),
                     }
                     if self.device.type == "cuda":
                         metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    self.step_rates.append(metrics["train/steps_per_sec"])
                     self.tracker.log(metrics, step=self.step)
+                    bar.update(self.step - bar.n)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    window_start, window_steps = time.perf_counter(), 0
                 if self.step >= total:
                     break
+            self._flush(pending)
             self.train_seconds += time.perf_counter() - t0
             self.train_steps += self.step - steps_before
             if self.batch_in_epoch >= steps_per_epoch * self.grad_accum:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 on_epoch_end(self.epoch)
-                window_start = time.perf_counter()  # evaluation time is not training time
+                window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
         bar.close()
