@@ -262,3 +262,10 @@ def test_compiled_training_saves_plain_state_dicts(make_cfg):
     state = load_checkpoint(objects["checkpoint"])
     assert not any("_orig_mod" in k for k in state["model"])
     assert metrics["train/final_loss"] < 10
+
+
+def test_a_value_the_class_rejects_is_a_one_line_error(make_cfg):
+    with pytest.raises(
+        UserError, match=r"^model config is invalid: depth must be >= 1, got 0; check the model.\* overrides$"
+    ):
+        train(make_cfg("model.depth=0"))

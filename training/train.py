@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,6 +45,17 @@ def require_run_name(cfg: DictConfig) -> str:
     if not RUN_NAME.match(str(name)):
         raise UserError(f"run_name={name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a folder name)")
     return str(name)
+
+
+def build(cfg: DictConfig, group: str) -> Any:
+    """Instantiate ``cfg[group]``; a value its class rejects becomes a one-line ``UserError``."""
+    try:
+        return instantiate(cfg[group])
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise UserError(
+            f"{group} config is invalid: {str(cause).splitlines()[0]}; check the {group}.* overrides"
+        ) from e
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -90,7 +102,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_name = require_run_name(cfg)
     started, t0 = datetime.now(), time.perf_counter()
     device = resolve_device(cfg.device)
-    precision: Precision = instantiate(cfg.precision)
+    precision: Precision = build(cfg, "precision")
     precision.check(device)
     precision.apply()
     seed_everything(cfg.seed, cfg.deterministic)
@@ -115,15 +127,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             )
         shutil.rmtree(ckpt_dir)
 
-    data = instantiate(cfg.dataloaders)
-    model = instantiate(cfg.model).to(device)
-    loss_fn = instantiate(cfg.loss)
-    solver = instantiate(cfg.solver)
-    evaluator = instantiate(cfg.eval)
+    data = build(cfg, "dataloaders")
+    model = build(cfg, "model").to(device)
+    loss_fn = build(cfg, "loss")
+    solver = build(cfg, "solver")
+    evaluator = build(cfg, "eval")
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    lr_schedule = instantiate(cfg.lr_schedule)(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
+    optimizer = build(cfg, "optimizer")(params=model.parameters())
+    lr_schedule = build(cfg, "lr_schedule")(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
     tracker: Tracker = make_tracker(
         cfg.trackio.enabled,
         cfg.trackio.project,
@@ -133,7 +145,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         system_metrics=cfg.trackio.system_metrics,
         overwrite=bool(cfg.overwrite),
     )
-    trainer: Trainer = instantiate(cfg.trainer)(
+    trainer: Trainer = build(cfg, "trainer")(
         model=model,
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -232,13 +244,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     started, t0 = datetime.now(), time.perf_counter()
     path = Path(cfg.eval_checkpoint)
     device = resolve_device(cfg.device)
-    precision: Precision = instantiate(cfg.precision)
+    precision: Precision = build(cfg, "precision")
     precision.check(device)
     precision.apply()
     model, state = load_model(path, use_ema=cfg.eval_use_ema, device=device, what="eval_checkpoint")
     reference = load_eval_set(state, path)
-    solver = instantiate(cfg.solver)
-    evaluator = instantiate(cfg.eval)
+    solver = build(cfg, "solver")
+    evaluator = build(cfg, "eval")
     run_dir = Path(cfg.paths.run_dir)
     metrics = evaluator(model, solver, reference, device, partial(precision.autocast_context, device), out_dir=run_dir)
     metrics["checkpoint_step"] = float(state["step"])
