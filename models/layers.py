@@ -28,7 +28,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        h = x.float().reshape(shape[0], self.num_groups, -1)
+        h = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(shape[0], self.num_groups, -1)
         mean = h.mean(dim=-1, keepdim=True)
         var = h.var(dim=-1, unbiased=False, keepdim=True)
         h = ((h - mean) * torch.rsqrt(var + self.eps)).reshape(shape).to(x.dtype)
