@@ -12,11 +12,12 @@ from solvers.base import ODESolution, Solver, Velocity
 
 
 def velocity_of(model: nn.Module, cond: Tensor | None = None) -> Velocity:
-    """The solver-facing velocity ``v(x, t)`` of a model called as ``model(x, t, r=t, cond)``."""
+    """The solver-facing ``velocity(x, t, r=t)`` of a model called as ``model(x, t, r, cond)``."""
 
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
+    def velocity(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         t_b = t.to(x.dtype).expand(len(x))
-        return model(x, t_b, t_b, cond).to(x.dtype)
+        r_b = t_b if r is None else r.to(x.dtype).expand(len(x))
+        return model(x, t_b, r_b, cond).to(x.dtype)
 
     return velocity
 

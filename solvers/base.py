@@ -1,8 +1,10 @@
 """The solver contract and the time grid.
 
 A solver integrates ``dx/dt = velocity(x, t)`` from t = 0 (noise) to t = 1 (data):
-``solver(velocity, x, nfe, callback) -> ODESolution``. ``velocity`` takes a state and a 0-dim
-time tensor; conditioning and guidance live in that closure, so solvers never see a model.
+``solver(velocity, x, nfe, callback) -> ODESolution``. ``velocity(x, t)`` takes a state and a 0-dim
+time tensor; ``velocity(x, t, r)`` gives the model's average velocity from t to r (MeanFlow),
+and with r omitted it is the instantaneous one. Conditioning and guidance live in that closure,
+so solvers never see a model.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ TINY = [
     "dataloaders.num_train=1024",
     "dataloaders.num_eval=256",
     "dataloaders.batch_size=128",
-    "model.hidden=32",
     "eval.nfe=[1,4]",
     "eval.num_samples=256",
     "eval.every_epochs=1",

@@ -27,7 +27,8 @@ def options(group: str) -> list[str]:
 def test_every_group_option_instantiates(make_cfg, group):
     for option in options(group):
         cfg = make_cfg(f"{group}={option}")
-        obj = instantiate(cfg[group])
+        with torch.device("meta" if group == "model" else "cpu"):  # DiT-XL on meta: no 2.7 GB allocation
+            obj = instantiate(cfg[group])
         if group == "optimizer":
             obj = obj(params=[torch.nn.Parameter(torch.zeros(1))])
         if group == "lr_schedule":
@@ -63,7 +64,7 @@ def test_training_writes_every_output(make_cfg, tmp_path):
     assert sorted(p.name for p in (ckpts / "archive").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     state = load_checkpoint(ckpts / "last.pt")
     assert state["step"] == 16 and state["epoch"] == 2
-    assert state["config"]["model"]["hidden"] == 32  # the full resolved config travels with the weights
+    assert state["config"]["model"]["hidden"] == 256  # the full resolved config travels with the weights
     log = (tmp_path / "EXPERIMENT_LOG.md").read_text()
     assert "test · completed" in log and "eval/energy_distance@nfe4" in log and str(ckpts / "last.pt") in log
 
@@ -134,7 +135,7 @@ def test_existing_run_is_not_overwritten_silently(make_cfg):
 
 def test_resume_with_different_model_or_loss_is_refused_with_the_keys(make_cfg):
     train(make_cfg())
-    with pytest.raises(UserError, match=r"model.hidden: 32 -> 64"):
+    with pytest.raises(UserError, match=r"model.hidden: 256 -> 64"):
         train(make_cfg("resume=true", "model.hidden=64"))
     with pytest.raises(
         UserError, match=r"loss.coupling._target_: losses.coupling.IndependentCoupling -> losses.coupling.OTCoupling"

@@ -109,8 +109,8 @@ class Trainer:
         self.skipped_batches = state["skipped_batches"]
 
     # --- one optimizer step ------------------------------------------------------------------
-    def _micro_step(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """Forward and backward one micro-batch; returns its detached loss, None if skipped.
+    def _micro_step(self, batch: dict[str, Tensor]) -> LossOutput | None:
+        """Forward and backward one micro-batch; returns its detached output, None if skipped.
 
         Nothing here reads a value back from the device (a CUDA stall): non-finite losses are
         found when a window of losses is read at the next log point, except under
@@ -124,7 +124,7 @@ class Trainer:
             return None
         loss = out.loss if self.grad_accum == 1 else out.loss / self.grad_accum
         self.scaler.scale(loss).backward()
-        return out.loss.detach()
+        return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()})
 
     def _optimizer_step(self, measure_norm: bool) -> Tensor | None:
         """Unscale, clip, step, update the EMA; returns the pre-clip gradient norm when it was
@@ -142,19 +142,27 @@ class Trainer:
         self.ema.update(self.model, self.step)
         return norm
 
-    def _flush(self, pending: list[Tensor]) -> list[float]:
-        """Read a window of step losses back from the device and stop at the first non-finite one."""
-        values = torch.stack(pending).tolist() if pending else []
+    def _flush(self, pending: list[LossOutput]) -> tuple[list[float], dict[str, float]]:
+        """Read a window of step losses and loss metrics back from the device; stop at the first
+        non-finite loss, naming the loss terms (metrics) that were non-finite at that step.
+        Returns the losses and the window means of the metrics."""
+        if not pending:
+            return [], {}
+        values = torch.stack([out.loss for out in pending]).tolist()
         first = self.step - len(values) + 1
         for i, value in enumerate(values):
             if not math.isfinite(value):
+                bad = [k for k, v in pending[i].metrics.items() if not torch.isfinite(v).all()]
+                terms = f"; non-finite terms: {', '.join(bad)}" if bad else ""
                 raise NonFiniteLossError(
-                    f"loss is {value} at step {first + i} (epoch {self.epoch}); training stopped and the last good "
-                    "checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
+                    f"loss is {value} at step {first + i} (epoch {self.epoch}{terms}); training stopped and the "
+                    "last good checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
                 )
+        keys = pending[0].metrics.keys()
+        means = {k: torch.stack([out.metrics[k] for out in pending]).mean().item() for k in keys}
         self.losses.extend(values)
         pending.clear()
-        return values
+        return values, means
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(
@@ -179,18 +187,18 @@ class Trainer:
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
         )
-        pending: list[Tensor] = []  # step losses not yet read back from the device
+        pending: list[LossOutput] = []  # step losses and metrics not yet read back from the device
         window_start, window_steps = time.perf_counter(), 0
         while self.epoch < epochs and self.step < total:
             loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
             batches = itertools.islice(iter(loader), self.batch_in_epoch, steps_per_epoch * self.grad_accum)
             t0, steps_before = time.perf_counter(), self.step
-            group: list[Tensor] = []
+            group: list[LossOutput] = []
             for batch in batches:
                 self.batch_in_epoch += 1
-                loss = self._micro_step(batch)
-                if loss is not None:
-                    group.append(loss)
+                out = self._micro_step(batch)
+                if out is not None:
+                    group.append(out)
                 if self.batch_in_epoch % self.grad_accum:
                     continue
                 if not group:  # every micro-batch of the group was skipped
@@ -199,10 +207,10 @@ class Trainer:
                 norm = self._optimizer_step(measure_norm=log_now)
                 self.step += 1
                 window_steps += 1
-                pending.append(torch.stack(group).mean() if len(group) > 1 else group[0])
+                pending.append(group[0] if len(group) == 1 else _mean_output(group))
                 group = []
                 if log_now:
-                    values = self._flush(pending)
+                    values, loss_metrics = self._flush(pending)
                     elapsed = time.perf_counter() - window_start
                     pre = float(norm) if norm is not None else math.nan
                     metrics = {
@@ -213,6 +221,7 @@ class Trainer:
                         "train/steps_per_sec": window_steps / elapsed,
                         "train/skipped_batches": float(self.skipped_batches),
                         "epoch": float(self.epoch),
+                        **{f"train/{k}": v for k, v in loss_metrics.items()},
                     }
                     if self.device.type == "cuda":
                         metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -232,3 +241,9 @@ class Trainer:
                 on_epoch_end(self.epoch)
                 window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
         bar.close()
+
+
+def _mean_output(outputs: list[LossOutput]) -> LossOutput:
+    """The mean loss and metrics of the micro-batches of one accumulation group."""
+    metrics = {k: torch.stack([o.metrics[k] for o in outputs]).mean() for k in outputs[0].metrics}
+    return LossOutput(torch.stack([o.loss for o in outputs]).mean(), metrics)

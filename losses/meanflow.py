@@ -1,0 +1,164 @@
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling").
+
+Conventions, in our time direction (noise x_0 at t = 0, data x_1 at t = 1, v = x_1 - x_0):
+
+    the model is u(x_t, t, r): the average velocity from the state's time t to another time r,
+        u(x_t, t, r) = 1/(r - t) ∫_t^r v(x_τ, τ) dτ,   so   x_r = x_t + (r - t) u(x_t, t, r),
+    and u(x_t, t, t) = v(x_t, t) is the flow-matching velocity (the model contract's r = t).
+
+Differentiating (r - t) u(x_t, t, r) = ∫_t^r v dτ in t along the trajectory (dx_t/dt = v):
+
+    -u + (r - t) du/dt = -v   =>   u = v - (t - r) (v · ∂_x u + ∂_t u),
+
+the paper's identity with t the state's time. The total derivative du/dt is one forward-mode
+jvp of (x, t, r) -> u with tangents (v, 1, 0). One-step generation integrates from the noise
+at t = 0 to r = 1: x_1 = x_0 + u(x_0, t=0, r=1) (the notes' "u(noise, r=0, t=1)", written
+there with the paper's argument names; see solvers/meanflow.py).
+
+(t, r) are drawn in the paper's time s = 1 - τ (data at s = 0): two logit-normal samples,
+s_t the larger, s_r the smaller, and r set equal to t for a fraction ``1 - ratio`` of the batch;
+then t = 1 - s_t, r = 1 - s_r, so r ≥ t: the average runs towards the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from losses.base import LossOutput
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class MeanFlowLoss:
+    """The MeanFlow objective with adaptive weighting and optional training-time CFG.
+
+    ``ratio``: fraction of samples with r ≠ t (the paper's default 25%). By default the jvp runs
+    only on those (``full_batch_jvp=False``): for r = t the target is plain v. ``jvp_fp32`` runs the
+    model's forward and jvp outside autocast, as higher-order terms lose too much in bf16.
+    CFG (the paper's eq. 13-15): the target velocity becomes
+    ``omega v + kappa u(x_t, t, t | c) + (1 - omega - kappa) u(x_t, t, t | ∅)`` for the samples that
+    keep their label; ``class_dropout`` replaces labels by the null class ``num_classes``.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.25,
+        p: float = 1.0,
+        c: float = 1e-3,
+        mu: float = -0.4,
+        sigma: float = 1.0,
+        full_batch_jvp: bool = False,
+        jvp_fp32: bool = True,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        class_dropout: float = 0.0,
+        num_classes: int = 0,
+    ):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"loss.ratio must be in [0, 1], got {ratio}")
+        if (omega != 1.0 or kappa != 0.0 or class_dropout > 0) and num_classes <= 0:
+            raise ValueError(
+                "loss.omega/kappa/class_dropout need class labels: set loss.num_classes to the data's classes"
+            )
+        self.ratio = ratio
+        self.p = p
+        self.c = c
+        self.mu = mu
+        self.sigma = sigma
+        self.full_batch_jvp = full_batch_jvp
+        self.jvp_fp32 = jvp_fp32
+        self.omega = omega
+        self.kappa = kappa
+        self.class_dropout = class_dropout
+        self.num_classes = num_classes
+
+    def sample_times(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(t, r) with r ≥ t, r ≠ t for a ``ratio`` fraction; see the module docstring."""
+        s = torch.sigmoid(self.mu + self.sigma * torch.randn(2, n, device=device))
+        s_t, s_r = s.max(dim=0).values, s.min(dim=0).values
+        equal = torch.rand(n, device=device) >= self.ratio
+        s_r = torch.where(equal, s_t, s_r)
+        return 1 - s_t, 1 - s_r
+
+    def _guided_velocity(
+        self, model: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, cond: Tensor, kept: Tensor
+    ) -> Tensor:
+        with torch.no_grad():
+            u_cond = model(x_t, t, t, cond)
+            u_null = model(x_t, t, t, torch.full_like(cond, self.num_classes))
+        guided = self.omega * v + self.kappa * u_cond + (1 - self.omega - self.kappa) * u_null
+        return torch.where(kept.view(-1, *([1] * (v.ndim - 1))), guided.to(v.dtype), v)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        x_1 = batch["x1"]
+        cond = batch.get("cond")
+        n = len(x_1)
+        x_0 = torch.randn_like(x_1)
+        t, r = self.sample_times(n, x_1.device)
+        t_ = t.view(-1, *([1] * (x_1.ndim - 1))).to(x_1.dtype)
+        x_t = (1 - t_) * x_0 + t_ * x_1
+        v = x_1 - x_0
+
+        if cond is not None and self.class_dropout > 0:
+            kept = torch.rand(n, device=x_1.device) >= self.class_dropout
+            cond = torch.where(kept, cond, torch.full_like(cond, self.num_classes))
+            if self.omega != 1.0 or self.kappa != 0.0:
+                v = self._guided_velocity(model, x_t, t, v, cond, kept)
+
+        precision = torch.autocast(x_1.device.type, enabled=False) if self.jvp_fp32 else contextlib.nullcontext()
+        with precision:
+            if self.full_batch_jvp:
+                u, dudt = self._jvp(model, x_t, t, r, v, cond)
+            else:
+                u, dudt = self._selective_jvp(model, x_t, t, r, v, cond)
+        dt = (t - r).view(-1, *([1] * (x_1.ndim - 1)))
+        target = (v - dt * dudt).detach()
+        delta = (u.float() - target.float()).flatten(1)
+        sq = delta.pow(2).sum(dim=1)
+        weight = (sq.detach() + self.c).pow(-self.p)
+        loss = (weight * sq).mean()  # adaptive weight w = 1 / (||Δ||² + c)^p, stop-gradient
+        metrics = {
+            "meanflow/mse": sq.detach().mean() / delta.shape[1],
+            "meanflow/dudt_norm": dudt.detach().flatten(1).norm(dim=1).mean(),
+        }
+        return LossOutput(loss, metrics)
+
+    def _jvp(
+        self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        if self.jvp_fp32:
+            x, t, r, v = _at_least_fp32(x), _at_least_fp32(t), _at_least_fp32(r), _at_least_fp32(v)
+
+        def u(x_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+            return model(x_, t_, r_, cond)
+
+        return jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+
+    def _selective_jvp(
+        self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """jvp only where r ≠ t (where (t - r) du/dt matters); a plain forward elsewhere.
+
+        The split needs the indices on the host (one device sync per step), which is why
+        ``full_batch_jvp`` exists for CUDA graphs and for high ``ratio``.
+        """
+        moving = (r != t).nonzero().squeeze(1)
+        still = (r == t).nonzero().squeeze(1)
+        u = torch.empty_like(_at_least_fp32(v) if self.jvp_fp32 else v)
+        dudt = torch.zeros_like(u)
+        if len(still):
+            pick = None if cond is None else cond[still]
+            xs = _at_least_fp32(x[still]) if self.jvp_fp32 else x[still]
+            u[still] = model(xs, t[still], r[still], pick).to(u.dtype)
+        if len(moving):
+            pick = None if cond is None else cond[moving]
+            u_m, d_m = self._jvp(model, x[moving], t[moving], r[moving], v[moving], pick)
+            u[moving] = u_m.to(u.dtype)
+            dudt[moving] = d_m.to(u.dtype)
+        return u, dudt
