@@ -41,8 +41,9 @@ class GroupNorm(nn.GroupNorm):
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal features of a (B,) float time, as in DiT/ADM; (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # float64 stays float64 (gradient checks)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -60,10 +61,12 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.scale = scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.fc1 = nn.Linear(freq_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(self.scale * t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        features = timestep_embedding(self.scale * t, self.freq_dim).to(self.fc1.weight.dtype)
+        return self.fc2(nn.functional.silu(self.fc1(features)))
 
 
 class LabelEmbedder(nn.Module):
