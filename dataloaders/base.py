@@ -15,19 +15,22 @@ Sampler = Callable[..., Tensor]  # sampler(n, generator=...) -> (n, *shape)
 
 
 class TensorLoader:
-    """Shuffled mini-batches of an in-memory tensor, indexed in one gather per batch.
+    """Shuffled mini-batches of in-memory tensors (data, and labels as ``cond``), one gather each.
 
     A torch DataLoader over a TensorDataset fetches and collates row by row, which costs
     more than a whole training step of a small MLP; this loader does not.
     The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
     """
 
-    def __init__(self, data: Tensor, batch_size: int, seed: int, drop_last: bool = True):
-        if batch_size > len(data):
+    def __init__(self, data: Tensor | dict[str, Tensor], batch_size: int, seed: int, drop_last: bool = True):
+        tensors = data if isinstance(data, dict) else {"x1": data}
+        n = len(tensors["x1"])
+        if batch_size > n:
             raise ValueError(
-                f"batch_size={batch_size} exceeds the {len(data)} training samples; lower batch_size or raise num_train"
+                f"batch_size={batch_size} exceeds the {n} training samples; lower batch_size or raise num_train"
             )
-        self.data = data
+        self.tensors = tensors
+        self.n = n
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
@@ -37,15 +40,15 @@ class TensorLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n, b = len(self.data), self.batch_size
+        n, b = self.n, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.data), generator=g).to(self.data.device)
+        perm = torch.randperm(self.n, generator=g).to(self.tensors["x1"].device)
         for i in range(len(self)):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            yield {"x1": self.data.index_select(0, idx)}
+            yield {key: value.index_select(0, idx) for key, value in self.tensors.items()}
 
 
 class SampledData:
@@ -71,6 +74,7 @@ class SampledData:
             raise ValueError(f"sampler returned shape {tuple(self.train_set.shape[1:])}, expected ({dim},)")
         self.shape: tuple[int, ...] = (dim,)
         self.batch_size = batch_size
+        self.num_classes = 0
 
     def train_loader(self, device: torch.device, seed: int) -> TensorLoader:
         return TensorLoader(self.train_set.to(device), self.batch_size, seed)

@@ -138,7 +138,8 @@ class MeanFlowLoss:
         def u(x_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
             return model(x_, t_, r_, cond)
 
-        return jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+        out, tangent = jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))  # type: ignore[misc]
+        return out, tangent
 
     def _selective_jvp(
         self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.layers import LabelEmbedder, TimestepEmbedder, attention
+from models.layers import LabelEmbedder, TimestepEmbedder, attention, zero_
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -38,12 +38,6 @@ def sincos_2d(dim: int, grid_size: int) -> Tensor:
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
     return torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1).float()
-
-
-def zero_(module: nn.Module) -> None:
-    """Zero every parameter of ``module`` in place."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
 
 
 class PatchEmbed(nn.Module):

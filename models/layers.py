@@ -13,6 +13,12 @@ import torch
 from torch import Tensor, nn
 
 
+def zero_(module: nn.Module) -> None:
+    """Zero every parameter of ``module`` in place (zero-initialised output layers)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d) v over the last two dims; (B, heads, N, d) -> (B, heads, N, d)."""
     scale = q.shape[-1] ** -0.5

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
+Velocity = Callable[..., Tensor]  # velocity(x, t) or velocity(x, t, r)
 Callback = Callable[[Tensor, Tensor], None]  # callback(t, x) after each step
 
 

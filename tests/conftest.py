@@ -22,9 +22,6 @@ TINY = [
     "device=cpu",
     "trackio.enabled=false",
     "epochs=2",
-    "dataloaders.num_train=1024",
-    "dataloaders.num_eval=256",
-    "dataloaders.batch_size=128",
     "eval.nfe=[1,4]",
     "eval.num_samples=256",
     "eval.every_epochs=1",
@@ -33,11 +30,17 @@ TINY = [
 ]
 
 
+# the default 2D data, shrunk; left out when a test picks other data or an experiment
+TINY_TOY_DATA = ["dataloaders.num_train=1024", "dataloaders.num_eval=256", "dataloaders.batch_size=128"]
+
+
 def tiny_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The launcher's config with TINY settings, every output under ``tmp_path``."""
+    other_data = any(o.startswith(("dataloaders=", "experiment=")) for o in overrides)
     return compose_config(
         [
             *TINY,
+            *([] if other_data else TINY_TOY_DATA),
             f"paths.root={tmp_path}/outputs",
             f"paths.run_dir={tmp_path}/run",
             f"paths.experiment_log={tmp_path}/EXPERIMENT_LOG.md",
@@ -54,3 +57,17 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return tiny_config(tmp_path, overrides)
 
     return make
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """40 small PNGs in two class folders (cats/, dogs/): each image a flat colour."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            colour = (10 * i, 100 * c, 255 - 10 * i)
+            Image.new("RGB", (12, 10), colour).save(root / name / f"{i:03d}.png")
+    return root

@@ -104,10 +104,16 @@ def test_bad_sizes_and_labels_are_one_line_errors():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_dit_config_instantiates_on_meta(path):
     with torch.device("meta"):
-        model = instantiate(OmegaConf.load(path))
+        model = instantiate(with_data(OmegaConf.load(path)))
     assert isinstance(model, DiT)
     assert model.pos_embed.device.type == "meta"
 
 
 def test_there_is_a_config_per_size_variant():
     assert [p.stem for p in CONFIGS] == sorted(f"dit_{s}{p}" for s in ("s", "b", "l", "xl") for p in (2, 4, 8))
+
+
+def with_data(model_cfg):
+    """A model config resolved against a data set's shape (32x32x4, 1000 classes), as the launcher does."""
+    shape = {"dataloaders": {"image_size": 32, "channels": 4, "num_classes": 1000}}
+    return OmegaConf.merge(shape, {"model": model_cfg}).model

@@ -24,9 +24,28 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     "group", ["dataloaders", "model", "loss", "solver", "optimizer", "lr_schedule", "trainer", "eval", "precision"]
 )
-def test_every_group_option_instantiates(make_cfg, group):
+def test_every_group_option_instantiates(make_cfg, group, image_folder):
     for option in options(group):
-        cfg = make_cfg(f"{group}={option}")
+        image = group == "model" and option != "mlp"
+        extra = ["dataloaders=digits"] if image else []
+        if group == "dataloaders" and option in ("folder", "celeba", "imagenet"):
+            extra = [
+                f"dataloaders.root={image_folder}",
+                "dataloaders.image_size=8",
+                "dataloaders.batch_size=4",
+                "dataloaders.num_workers=0",
+                "dataloaders.num_classes=0",
+                "dataloaders.class_subfolders=true",
+            ]
+        if group == "dataloaders" and option == "cifar10":  # not downloadable here: the error must say what to do
+            with pytest.raises(Exception, match="CIFAR-10 is not in .* set dataloaders.data_dir=PATH"):
+                instantiate(
+                    make_cfg("dataloaders=cifar10", "dataloaders.data_dir=/nonexistent", "dataloaders.download=false")[
+                        group
+                    ]
+                )
+            continue
+        cfg = make_cfg(f"{group}={option}", *extra)
         with torch.device("meta" if group == "model" else "cpu"):  # DiT-XL on meta: no 2.7 GB allocation
             obj = instantiate(cfg[group])
         if group == "optimizer":

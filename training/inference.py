@@ -60,6 +60,6 @@ def load_model(
     return model.to(device).eval(), state
 
 
-def load_eval_set(state: dict[str, Any], path: Path) -> Tensor:
-    """The held-out (N, D) data the checkpoint's run was scored against, rebuilt from its config."""
-    return _instantiate(state, "dataloaders", path).eval_set
+def load_data(state: dict[str, Any], path: Path) -> Any:
+    """The checkpoint's data object (held-out ``eval_set``, ``num_classes``), rebuilt from its config."""
+    return _instantiate(state, "dataloaders", path)

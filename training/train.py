@@ -20,11 +20,12 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
-from training.inference import load_eval_set, load_model
+from training.inference import load_data, load_model
 from training.precision import Precision, resolve_device
 from training.seeding import rng_state, seed_everything, set_rng_state
 from training.tracking import Tracker, make_tracker
@@ -109,7 +110,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     ckpt_dir = Path(cfg.paths.ckpt_dir)
     last_path = ckpt_dir / "last.pt"
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    try:
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except InterpolationResolutionError as e:
+        raise UserError(
+            f"the config does not fit together ({str(e).splitlines()[0]}); "
+            "an image model needs an image data set (dataloaders=digits|cifar10|folder|celeba|imagenet)"
+        ) from e
     state = None
     if cfg.resume:
         if not last_path.exists():
@@ -182,7 +189,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     def on_epoch_end(epoch: int) -> None:
         if epoch < cfg.epochs and evaluator.every_epochs and epoch % evaluator.every_epochs == 0:
-            latest.update(evaluator(eval_model, solver, reference, device, autocast))
+            latest.update(evaluator(eval_model, solver, reference, device, autocast, num_classes=data.num_classes))
             tracker.log(latest, step=trainer.step)
             log.info("epoch %d: %s", epoch, _brief(latest))
         if epoch % cfg.checkpoint.every_epochs == 0:
@@ -192,7 +199,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     try:
         trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end)
-        metrics = evaluator(eval_model, solver, reference, device, autocast, out_dir=run_dir)
+        metrics = evaluator(
+            eval_model, solver, reference, device, autocast, out_dir=run_dir, num_classes=data.num_classes
+        )
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
         metrics["train/steps"] = float(trainer.step)
         metrics["train/ms_per_step"] = 1000 * trainer.train_seconds / max(1, trainer.train_steps)
@@ -248,11 +257,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     precision.check(device)
     precision.apply()
     model, state = load_model(path, use_ema=cfg.eval_use_ema, device=device, what="eval_checkpoint")
-    reference = load_eval_set(state, path)
+    data = load_data(state, path)
     solver = build(cfg, "solver")
     evaluator = build(cfg, "eval")
     run_dir = Path(cfg.paths.run_dir)
-    metrics = evaluator(model, solver, reference, device, partial(precision.autocast_context, device), out_dir=run_dir)
+    autocast = partial(precision.autocast_context, device)
+    metrics = evaluator(model, solver, data.eval_set, device, autocast, out_dir=run_dir, num_classes=data.num_classes)
     metrics["checkpoint_step"] = float(state["step"])
     _write_json(run_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
     _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
