@@ -17,7 +17,7 @@ from solvers.adaptive import Dopri5
 from solvers.base import Solver
 from solvers.fixed_step import RK4, Euler, Heun, Midpoint
 from training.errors import UserError
-from training.inference import load_eval_set, load_model
+from training.inference import load_data, load_model
 
 SOLVERS: dict[str, type[Solver]] = {
     "euler": Euler,
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def visualize(args: argparse.Namespace) -> list[Path]:
     """Write the three figures; returns their paths."""
     model, state = load_model(args.checkpoint, use_ema=not args.raw)
-    data = load_eval_set(state, args.checkpoint)
+    data = load_data(state, args.checkpoint).eval_set
     if data.ndim != 2 or data.shape[1] < 2:
         raise UserError(
             f"checkpoint {args.checkpoint} models data of shape {tuple(data.shape[1:])}; "
