@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 
 @dataclass
@@ -17,3 +18,17 @@ class LossOutput:
     def __post_init__(self) -> None:
         if self.loss.ndim != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(self.loss.shape)}")
+
+
+class Loss:
+    """Base of the losses: ``loss(model, batch) -> LossOutput``.
+
+    ``check(device)`` runs once before training, so a setting the device cannot serve fails
+    before any work with a ValueError that names the fix.
+    """
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def check(self, device: torch.device) -> None:
+        pass

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.base import LossOutput
+from losses.base import Loss, LossOutput
 from losses.coupling import Coupling, IndependentCoupling
 
 
-class FlowMatchingLoss:
+class FlowMatchingLoss(Loss):
     """MSE between ``v(x_t, t)`` and the conditional velocity ``x_1 - x_0``.
 
     Path: ``x_t = (1 - t) x_0 + t x_1 (+ sigma * eps)`` with noise x_0 ~ N(0, I) at t = 0 and

@@ -28,14 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from losses.base import LossOutput
+from losses.base import Loss, LossOutput
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class MeanFlowLoss:
+class MeanFlowLoss(Loss):
     """The MeanFlow objective with adaptive weighting and optional training-time CFG.
 
     ``ratio``: fraction of samples with r ≠ t (the paper's default 25%). By default the jvp runs
@@ -59,6 +59,7 @@ class MeanFlowLoss:
         kappa: float = 0.0,
         class_dropout: float = 0.0,
         num_classes: int = 0,
+        use_cuda_graph: bool = False,
     ):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"loss.ratio must be in [0, 1], got {ratio}")
@@ -77,6 +78,16 @@ class MeanFlowLoss:
         self.kappa = kappa
         self.class_dropout = class_dropout
         self.num_classes = num_classes
+        self.use_cuda_graph = use_cuda_graph
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor | None], Tensor]] = {}
+
+    def check(self, device: torch.device) -> None:
+        if self.use_cuda_graph and device.type != "cuda":
+            raise ValueError(
+                f"loss.use_cuda_graph=true needs CUDA (device is {device.type}); drop it or train on a GPU"
+            )
+        if self.use_cuda_graph and not self.full_batch_jvp:
+            raise ValueError("loss.use_cuda_graph=true needs loss.full_batch_jvp=true: a graph replays fixed shapes")
 
     def sample_times(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(t, r) with r ≥ t, r ≠ t for a ``ratio`` fraction; see the module docstring."""
@@ -105,7 +116,7 @@ class MeanFlowLoss:
         x_t = (1 - t_) * x_0 + t_ * x_1
         v = x_1 - x_0
 
-        if cond is not None and self.class_dropout > 0:
+        if cond is not None and (self.class_dropout > 0 or self.omega != 1.0 or self.kappa != 0.0):
             kept = torch.rand(n, device=x_1.device) >= self.class_dropout
             cond = torch.where(kept, cond, torch.full_like(cond, self.num_classes))
             if self.omega != 1.0 or self.kappa != 0.0:
@@ -113,7 +124,10 @@ class MeanFlowLoss:
 
         precision = torch.autocast(x_1.device.type, enabled=False) if self.jvp_fp32 else contextlib.nullcontext()
         with precision:
-            if self.full_batch_jvp:
+            if self.use_cuda_graph:
+                dudt = self._graphed_tangent(model, x_t, t, r, v, cond)
+                u = model(_at_least_fp32(x_t) if self.jvp_fp32 else x_t, t, r, cond)
+            elif self.full_batch_jvp:
                 u, dudt = self._jvp(model, x_t, t, r, v, cond)
             else:
                 u, dudt = self._selective_jvp(model, x_t, t, r, v, cond)
@@ -163,3 +177,42 @@ class MeanFlowLoss:
             u[moving] = u_m.to(u.dtype)
             dudt[moving] = d_m.to(u.dtype)
         return u, dudt
+
+    def _graphed_tangent(
+        self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None
+    ) -> Tensor:
+        """du/dt only (the target is a stop-gradient), by a no-grad jvp captured once per input
+        shape in a CUDA graph and replayed; u itself comes from a normal forward with gradients.
+
+        The graph reads the parameters in place, so optimizer steps are seen by every replay.
+        """
+        key = (id(model), tuple(x.shape), x.dtype, cond is None)
+        if key not in self._graphs:
+            static: list[Tensor | None] = [
+                x.clone(),
+                t.clone(),
+                r.clone(),
+                v.clone(),
+                None if cond is None else cond.clone(),
+            ]
+
+            def run() -> Tensor:
+                with torch.no_grad():
+                    return self._jvp(model, static[0], static[1], static[2], static[3], static[4])[1]  # type: ignore[arg-type]
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up outside the graph, as capture requires
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for slot, value in zip(static, (x, t, r, v, cond), strict=True):
+            if slot is not None and value is not None:
+                slot.copy_(value)
+        graph.replay()
+        return out.clone()

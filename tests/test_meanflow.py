@@ -169,3 +169,13 @@ def test_loss_metrics_reach_the_tracker_as_window_means():
     for _, metrics in tracker.logged:
         assert metrics["train/meanflow/mse"] > 0 and metrics["train/meanflow/dudt_norm"] > 0
         assert metrics["train/loss"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_graph_without_cuda_or_full_batch_jvp_is_a_one_line_error(make_cfg):
+    from training.errors import UserError
+
+    with pytest.raises(UserError, match=r"^loss.use_cuda_graph=true needs CUDA \(device is cpu\)"):
+        train(make_cfg("loss=meanflow", "solver=meanflow", "loss.use_cuda_graph=true", "loss.full_batch_jvp=true"))
+    with pytest.raises(ValueError, match="needs loss.full_batch_jvp=true"):
+        MeanFlowLoss(use_cuda_graph=True).check(torch.device("cuda"))

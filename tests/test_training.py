@@ -289,3 +289,10 @@ def test_a_value_the_class_rejects_is_a_one_line_error(make_cfg):
         UserError, match=r"^model config is invalid: depth must be >= 1, got 0; check the model.\* overrides$"
     ):
         train(make_cfg("model.depth=0"))
+
+
+def test_overwrite_with_a_broken_config_keeps_the_old_checkpoint(make_cfg):
+    _, objects = train(make_cfg())
+    with pytest.raises(UserError, match="model config is invalid"):
+        train(make_cfg("overwrite=true", "model.depth=0"))
+    assert load_checkpoint(objects["checkpoint"])["step"] == 16

@@ -132,17 +132,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 f"run '{run_name}' already has a checkpoint at {last_path}; pass resume=true to continue it, "
                 "overwrite=true to start over, or choose another run_name"
             )
-        shutil.rmtree(ckpt_dir)
 
     data = build(cfg, "dataloaders")
     model = build(cfg, "model").to(device)
     loss_fn = build(cfg, "loss")
+    try:
+        loss_fn.check(device)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     solver = build(cfg, "solver")
     evaluator = build(cfg, "eval")
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
     optimizer = build(cfg, "optimizer")(params=model.parameters())
     lr_schedule = build(cfg, "lr_schedule")(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
+    if last_path.exists() and not cfg.resume:
+        shutil.rmtree(ckpt_dir)  # overwrite=true, and everything above was built: start the run over
     tracker: Tracker = make_tracker(
         cfg.trackio.enabled,
         cfg.trackio.project,
