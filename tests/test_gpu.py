@@ -66,3 +66,36 @@ def test_meanflow_cuda_graph_tangent_matches_the_eager_jvp_and_trains(make_cfg):
                                 "loss.use_cuda_graph=true", "precision=bf16", "eval=image", "eval.nfe=[1]",
                                 "eval.num_samples=64", "epochs=2"))  # fmt: skip
     assert metrics["train/final_loss"] < 100
+
+
+@pytest.mark.parametrize("name", ["unet", "cnn", "dit"])
+def test_jvp_through_every_image_model_on_cuda_in_fp32_and_bf16(name):
+    from models.cnn import SmallCNN
+    from models.dit import DiT
+    from models.unet import UNet
+
+    torch.manual_seed(0)
+    make = {
+        "unet": lambda: UNet(in_channels=3, image_size=8, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_resolutions=(4,), norm_groups=4, dropout=0.0, num_classes=10),
+        "cnn": lambda: SmallCNN(in_channels=3, channels=16, num_blocks=2, norm_groups=4, num_classes=10),
+        "dit": lambda: DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                           num_classes=10),
+    }[name]  # fmt: skip
+    model = make().double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, v = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t, r = torch.rand(4, dtype=torch.float64) * 0.5, torch.rand(4, dtype=torch.float64) * 0.5 + 0.5
+    cond = torch.tensor([0, 3, 5, 9])
+    tangents = (v, torch.ones_like(t), torch.zeros_like(r))
+    _, reference = torch.func.jvp(lambda *a: model(*a, cond), (x, t, r), tangents)
+    cuda = model.float().cuda()
+    args = [a.float().cuda() for a in (x, t, r)]
+    tan = [a.float().cuda() for a in tangents]
+    _, fp32 = torch.func.jvp(lambda *a: cuda(*a, cond.cuda()), tuple(args), tuple(tan))
+    assert (fp32.double().cpu() - reference).norm() < 1e-4 * reference.norm()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, bf16 = torch.func.jvp(lambda *a: cuda(*a, cond.cuda()), tuple(args), tuple(tan))
+    assert torch.isfinite(bf16).all()
+    assert (bf16.double().cpu() - reference).norm() < 0.1 * reference.norm()
