@@ -57,6 +57,7 @@ class EnergyDistanceEval:
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         out_dir: Path | None = None,
         num_classes: int = 0,
+        decode: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, float]:
         """Scores as flat keys (``eval/energy_distance@nfe10``); with ``out_dir`` also writes the
         samples and plots there (``write_artifacts``)."""
@@ -81,7 +82,8 @@ class EnergyDistanceEval:
         model.train(was_training)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.write_artifacts(reference.cpu(), samples, trajectory, out_dir)
+            to_pixels = None if decode is None else (lambda z: decode(z.to(device)).float().cpu())
+            self.write_artifacts(reference.cpu(), samples, trajectory, out_dir, to_pixels)
         return metrics
 
     def _generate(
@@ -108,7 +110,12 @@ class EnergyDistanceEval:
         return torch.cat(out), used, trajectory
 
     def write_artifacts(
-        self, reference: Tensor, samples: dict[str, Tensor], trajectory: Tensor | None, out_dir: Path
+        self,
+        reference: Tensor,
+        samples: dict[str, Tensor],
+        trajectory: Tensor | None,
+        out_dir: Path,
+        decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """``samples_{key}.npy``, ``samples.png`` (data beside samples) and ``trajectories.png``."""
         for key, x in samples.items():
@@ -121,18 +128,25 @@ class EnergyDistanceEval:
 class ImageEval(EnergyDistanceEval):
     """Image samples: energy distance on flattened pixels, grids instead of scatter plots.
 
-    Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] and ``grid_{key}.png`` per
-    budget, plus ``grid_data.png`` of held-out images.
+    Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] (raw latents for latent data)
+    and ``grid_{key}.png`` per budget, plus ``grid_data.png`` of held-out images; latent samples
+    are decoded to pixels for the grids only, and scored in latent space.
     """
 
     def write_artifacts(
-        self, reference: Tensor, samples: dict[str, Tensor], trajectory: Tensor | None, out_dir: Path
+        self,
+        reference: Tensor,
+        samples: dict[str, Tensor],
+        trajectory: Tensor | None,
+        out_dir: Path,
+        decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """Latent samples (``decode`` given) are saved raw; only their grids are decoded to pixels."""
+        pictures = to_unit_range if decode is None else (lambda x: to_unit_range(decode(x)))
         for key, x in samples.items():
-            images = to_unit_range(x)
-            np.save(out_dir / f"samples_{key}.npy", images.numpy())
-            save_image(images[:64], out_dir / f"grid_{key}.png", nrow=8)
-        save_image(to_unit_range(reference[:64]), out_dir / "grid_data.png", nrow=8)
+            np.save(out_dir / f"samples_{key}.npy", (to_unit_range(x) if decode is None else x).numpy())
+            save_image(pictures(x[:64]), out_dir / f"grid_{key}.png", nrow=8)
+        save_image(pictures(reference[:64]), out_dir / "grid_data.png", nrow=8)
 
 
 def to_unit_range(x: Tensor) -> Tensor:

@@ -122,5 +122,5 @@ def test_dit_patch_that_does_not_divide_the_image_is_a_one_line_error(make_cfg):
 
 
 def test_image_model_on_2d_data_is_a_one_line_error(make_cfg):
-    with pytest.raises(UserError, match="the config does not fit together .* needs an image data set"):
+    with pytest.raises(UserError, match="the config does not fit together .* needs image data"):
         train(make_cfg("model=unet"))

@@ -37,6 +37,10 @@ def test_every_group_option_instantiates(make_cfg, group, image_folder):
                 "dataloaders.num_classes=0",
                 "dataloaders.class_subfolders=true",
             ]
+        if group == "dataloaders" and option == "imagenet_latents":  # made by a script: the error must say how
+            with pytest.raises(Exception, match="no manifest.json .* python scripts/precompute_latents.py"):
+                instantiate(make_cfg("dataloaders=imagenet_latents", "dataloaders.root=/nonexistent")[group])
+            continue
         if group == "dataloaders" and option == "cifar10":  # not downloadable here: the error must say what to do
             with pytest.raises(Exception, match="CIFAR-10 is not in .* set dataloaders.data_dir=PATH"):
                 instantiate(

@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     except InterpolationResolutionError as e:
         raise UserError(
             f"the config does not fit together ({str(e).splitlines()[0]}); "
-            "an image model needs an image data set (dataloaders=digits|cifar10|folder|celeba|imagenet)"
+            "an image model needs image data (dataloaders=digits|cifar10|folder|celeba|imagenet|imagenet_latents)"
         ) from e
     state = None
     if cfg.resume:
@@ -205,7 +205,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end)
         metrics = evaluator(
-            eval_model, solver, reference, device, autocast, out_dir=run_dir, num_classes=data.num_classes
+            eval_model,
+            solver,
+            reference,
+            device,
+            autocast,
+            out_dir=run_dir,
+            num_classes=data.num_classes,
+            decode=getattr(data, "decode", None),  # latent data sets decode for the grids
         )
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
         metrics["train/steps"] = float(trainer.step)
@@ -267,7 +274,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     evaluator = build(cfg, "eval")
     run_dir = Path(cfg.paths.run_dir)
     autocast = partial(precision.autocast_context, device)
-    metrics = evaluator(model, solver, data.eval_set, device, autocast, out_dir=run_dir, num_classes=data.num_classes)
+    metrics = evaluator(
+        model,
+        solver,
+        data.eval_set,
+        device,
+        autocast,
+        out_dir=run_dir,
+        num_classes=data.num_classes,
+        decode=getattr(data, "decode", None),
+    )
     metrics["checkpoint_step"] = float(state["step"])
     _write_json(run_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
     _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
