@@ -38,9 +38,11 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 class MeanFlowLoss(Loss):
     """The MeanFlow objective with adaptive weighting and optional training-time CFG.
 
-    ``ratio``: fraction of samples with r ≠ t (the paper's default 25%). By default the jvp runs
-    only on those (``full_batch_jvp=False``): for r = t the target is plain v. ``jvp_fp32`` runs the
-    model's forward and jvp outside autocast, as higher-order terms lose too much in bf16.
+    ``ratio``: fraction of samples with r ≠ t (the paper's default 25%). u comes from one ordinary
+    forward of the batch (the only path gradients take); du/dt, which only enters the stop-gradient
+    target, from a no-grad jvp: by default only on the r ≠ t samples (``full_batch_jvp=False``;
+    for r = t the target is plain v). ``jvp_fp32`` runs that jvp outside autocast, as the
+    derivative terms lose too much in bf16, while the forward and backward keep the run's precision.
     CFG (the paper's eq. 13-15): the target velocity becomes
     ``omega v + kappa u(x_t, t, t | c) + (1 - omega - kappa) u(x_t, t, t | ∅)`` for the samples that
     keep their label; ``class_dropout`` replaces labels by the null class ``num_classes``.
@@ -122,15 +124,17 @@ class MeanFlowLoss(Loss):
             if self.omega != 1.0 or self.kappa != 0.0:
                 v = self._guided_velocity(model, x_t, t, v, cond, kept)
 
+        # u carries the gradient: one ordinary forward of the whole batch, under the run's autocast.
+        # du/dt only enters the stop-gradient target: a no-grad jvp, in fp32 if jvp_fp32.
+        u = model(x_t, t, r, cond)
         precision = torch.autocast(x_1.device.type, enabled=False) if self.jvp_fp32 else contextlib.nullcontext()
-        with precision:
+        with precision, torch.no_grad():
             if self.use_cuda_graph:
                 dudt = self._graphed_tangent(model, x_t, t, r, v, cond)
-                u = model(_at_least_fp32(x_t) if self.jvp_fp32 else x_t, t, r, cond)
             elif self.full_batch_jvp:
-                u, dudt = self._jvp(model, x_t, t, r, v, cond)
+                dudt = self._jvp(model, x_t, t, r, v, cond)[1]
             else:
-                u, dudt = self._selective_jvp(model, x_t, t, r, v, cond)
+                dudt = self._selective_tangent(model, x_t, t, r, v, cond)
         dt = (t - r).view(-1, *([1] * (x_1.ndim - 1)))
         target = (v - dt * dudt).detach()
         delta = (u.float() - target.float()).flatten(1)
@@ -155,34 +159,25 @@ class MeanFlowLoss(Loss):
         out, tangent = jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))  # type: ignore[misc]
         return out, tangent
 
-    def _selective_jvp(
+    def _selective_tangent(
         self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """jvp only where r ≠ t (where (t - r) du/dt matters); a plain forward elsewhere.
+    ) -> Tensor:
+        """du/dt only where r ≠ t (elsewhere (t - r) du/dt is zero anyway).
 
         The split needs the indices on the host (one device sync per step), which is why
         ``full_batch_jvp`` exists for CUDA graphs and for high ``ratio``.
         """
         moving = (r != t).nonzero().squeeze(1)
-        still = (r == t).nonzero().squeeze(1)
-        u = torch.empty_like(_at_least_fp32(v) if self.jvp_fp32 else v)
-        dudt = torch.zeros_like(u)
-        if len(still):
-            pick = None if cond is None else cond[still]
-            xs = _at_least_fp32(x[still]) if self.jvp_fp32 else x[still]
-            u[still] = model(xs, t[still], r[still], pick).to(u.dtype)
+        dudt = torch.zeros_like(_at_least_fp32(v) if self.jvp_fp32 else v)
         if len(moving):
             pick = None if cond is None else cond[moving]
-            u_m, d_m = self._jvp(model, x[moving], t[moving], r[moving], v[moving], pick)
-            u[moving] = u_m.to(u.dtype)
-            dudt[moving] = d_m.to(u.dtype)
-        return u, dudt
+            dudt[moving] = self._jvp(model, x[moving], t[moving], r[moving], v[moving], pick)[1].to(dudt.dtype)
+        return dudt
 
     def _graphed_tangent(
         self, model: nn.Module, x: Tensor, t: Tensor, r: Tensor, v: Tensor, cond: Tensor | None
     ) -> Tensor:
-        """du/dt only (the target is a stop-gradient), by a no-grad jvp captured once per input
-        shape in a CUDA graph and replayed; u itself comes from a normal forward with gradients.
+        """du/dt by the no-grad jvp captured once per input shape in a CUDA graph and replayed.
 
         The graph reads the parameters in place, so optimizer steps are seen by every replay.
         """
