@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +14,10 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from evaluation.energy_distance import energy_distance
+from evaluation.errors import EvaluationError
+from evaluation.fid_eval import FIDEval
 from evaluation.plots import plot_trajectories, scatter_samples
-from evaluation.sampling import sample
+from evaluation.sampling import ImageSampler, sample, to_unit_range
 from solvers.base import Solver
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class EnergyDistanceEval:
         trajectory_points: int = 256,
         batch_size: int = 5000,
         guidance_scale: float = 1.0,
+        fid: FIDEval | None = None,
     ):
         self.nfe = list(nfe)
         self.num_samples = num_samples
@@ -47,6 +51,7 @@ class EnergyDistanceEval:
         self.trajectory_points = trajectory_points
         self.batch_size = batch_size
         self.guidance_scale = guidance_scale
+        self.fid = fid
 
     def __call__(
         self,
@@ -58,23 +63,23 @@ class EnergyDistanceEval:
         out_dir: Path | None = None,
         num_classes: int = 0,
         decode: Callable[[Tensor], Tensor] | None = None,
+        source: str = "",
     ) -> dict[str, float]:
-        """Scores as flat keys (``eval/energy_distance@nfe10``); with ``out_dir`` also writes the
-        samples and plots there (``write_artifacts``)."""
+        """Scores as flat keys (``eval/energy_distance@nfe10``); with ``out_dir`` (the final
+        evaluation) also writes the samples and plots there (``write_artifacts``). ``source`` names
+        the weights evaluated (checkpoint and step) where samples are kept on disk."""
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.num_samples, *reference.shape[1:], generator=g)
         labels = torch.arange(self.num_samples) % num_classes if num_classes else None
         was_training = model.training
         model.eval()
-        budgets: list[int | str] = ["adaptive"] if solver.adaptive else list(self.nfe)
         metrics: dict[str, float] = {}
         samples: dict[str, Tensor] = {}
         trajectory = None
-        for i, budget in enumerate(budgets):
-            want_path = self.trajectory_points if (out_dir is not None and i == len(budgets) - 1) else 0
-            nfe = 0 if budget == "adaptive" else int(budget)
-            x, used, path = self._generate(model, solver, noise, labels, nfe, device, autocast, want_path)
-            key = "adaptive" if budget == "adaptive" else f"nfe{budget}"
+        keys = self.budgets(solver)
+        for i, key in enumerate(keys):
+            want_path = self.trajectory_points if (out_dir is not None and i == len(keys) - 1) else 0
+            x, used, path = self._generate(model, solver, noise, labels, _nfe(key), device, autocast, want_path)
             metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(device), reference.to(device))
             metrics[f"eval/nfe_used@{key}"] = float(used)
             samples[key] = x
@@ -85,6 +90,26 @@ class EnergyDistanceEval:
             to_pixels = None if decode is None else (lambda z: decode(z.to(device)).float().cpu())
             self.write_artifacts(reference.cpu(), samples, trajectory, out_dir, to_pixels)
         return metrics
+
+    def prepare(self, device: torch.device) -> None:
+        """Load what evaluation needs before any training, so a missing piece fails fast."""
+        if self.fid is not None and self.fid.enabled:
+            raise EvaluationError(
+                "FID/KID need image samples; eval=energy scores points: use eval=image with image data"
+            )
+
+    def budgets(self, solver: Solver, nfe: list[int] | None = None) -> list[str]:
+        """Metric keys of the NFE budgets: ``nfe10``..., or ``adaptive`` for an adaptive solver."""
+        return ["adaptive"] if solver.adaptive else [f"nfe{n}" for n in (self.nfe if nfe is None else nfe)]
+
+    def settings(self, solver: Solver) -> dict[str, Any]:
+        """How the scores were made, for metrics.json beside them."""
+        return {
+            "eval/solver": solver_label(solver),
+            "eval/num_samples": self.num_samples,
+            "eval/seed": self.seed,
+            "eval/guidance_scale": self.guidance_scale,
+        }
 
     def _generate(
         self,
@@ -126,12 +151,59 @@ class EnergyDistanceEval:
 
 
 class ImageEval(EnergyDistanceEval):
-    """Image samples: energy distance on flattened pixels, grids instead of scatter plots.
+    """Image samples: energy distance on flattened pixels, grids instead of scatter plots, and
+    at the final evaluation FID/KID when ``fid`` is enabled (``eval.fid.num_samples > 0``).
 
     Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] (raw latents for latent data)
     and ``grid_{key}.png`` per budget, plus ``grid_data.png`` of held-out images; latent samples
-    are decoded to pixels for the grids only, and scored in latent space.
+    are decoded to pixels for the grids and FID, and scored in latent space by energy distance.
     """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        solver: Solver,
+        reference: Tensor,
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        out_dir: Path | None = None,
+        num_classes: int = 0,
+        decode: Callable[[Tensor], Tensor] | None = None,
+        source: str = "",
+    ) -> dict[str, float]:
+        metrics = super().__call__(model, solver, reference, device, autocast, out_dir, num_classes, decode, source)
+        if out_dir is None or self.fid is None or not self.fid.enabled:
+            return metrics
+        was_training = model.training
+        model.eval()
+        generators = {
+            key: ImageSampler(
+                model,
+                solver,
+                _nfe(key),
+                tuple(reference.shape[1:]),
+                device,
+                autocast,
+                self.fid.seed,
+                num_classes,
+                self.guidance_scale,
+                None if decode is None else (lambda z: decode(z.to(device))),
+            )
+            for key in self.budgets(solver, self.fid.nfe)
+        }
+        settings = self.settings(solver)
+        folder_settings = {"source": source, "solver": settings["eval/solver"], "guidance_scale": self.guidance_scale}
+        metrics.update(self.fid(generators, folder_settings, device))
+        model.train(was_training)
+        return metrics
+
+    def prepare(self, device: torch.device) -> None:
+        if self.fid is not None and self.fid.enabled:
+            self.fid.reference_stats(device)
+
+    def settings(self, solver: Solver) -> dict[str, Any]:
+        fid = {} if self.fid is None or not self.fid.enabled else self.fid.settings()
+        return {**super().settings(solver), **fid}
 
     def write_artifacts(
         self,
@@ -149,6 +221,13 @@ class ImageEval(EnergyDistanceEval):
         save_image(pictures(reference[:64]), out_dir / "grid_data.png", nrow=8)
 
 
-def to_unit_range(x: Tensor) -> Tensor:
-    """Model space [-1, 1] to image space [0, 1]."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
+def _nfe(key: str) -> int:
+    """``nfe10`` -> 10; ``adaptive`` -> 0 (the solver picks its steps)."""
+    return 0 if key == "adaptive" else int(key.removeprefix("nfe"))
+
+
+def solver_label(solver: Solver) -> str:
+    """``euler``, or ``dopri5(atol=1e-05, rtol=1e-05)`` for a solver with settings."""
+    options = sorted((k, v) for k, v in vars(solver).items() if isinstance(v, (int, float, str, bool)))
+    name = type(solver).__name__.lower()
+    return f"{name}({', '.join(f'{k}={v}' for k, v in options)})" if options else name

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from evaluation.errors import EvaluationError
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
@@ -57,6 +59,36 @@ def build(cfg: DictConfig, group: str) -> Any:
         raise UserError(
             f"{group} config is invalid: {str(cause).splitlines()[0]}; check the {group}.* overrides"
         ) from e
+
+
+def run_eval(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call an evaluator (or its ``prepare``); bad evaluation input becomes a one-line ``UserError``."""
+    try:
+        return fn(*args, **kwargs)
+    except EvaluationError as e:
+        raise UserError(str(e)) from e
+
+
+def eval_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig | None:
+    """The evaluator config of an eval-only run: the checkpoint's own, so an image model is scored
+    as it was during training, with the command line's ``eval.*`` overrides on top. Choosing
+    ``eval=...`` or ``experiment=...`` on the command line uses the composed config (None) instead."""
+    overrides = [str(o) for o in cfg.get("overrides") or []]
+    if any(o.split("=")[0].lstrip("+~") in ("eval", "experiment") for o in overrides) or "eval" not in state["config"]:
+        return None
+    node = OmegaConf.create(state["config"]["eval"])
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.key_or_group.startswith("eval."):
+            continue
+        key = o.key_or_group.removeprefix("eval.")
+        if o.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            parent_node = OmegaConf.select(node, parent) if parent else node
+            if parent_node is not None and leaf in parent_node:
+                del parent_node[leaf]
+        else:
+            OmegaConf.update(node, key, o.value(), merge=True)
+    return node
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -142,6 +174,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise UserError(str(e)) from e
     solver = build(cfg, "solver")
     evaluator = build(cfg, "eval")
+    run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
     optimizer = build(cfg, "optimizer")(params=model.parameters())
@@ -194,7 +227,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     def on_epoch_end(epoch: int) -> None:
         if epoch < cfg.epochs and evaluator.every_epochs and epoch % evaluator.every_epochs == 0:
-            latest.update(evaluator(eval_model, solver, reference, device, autocast, num_classes=data.num_classes))
+            latest.update(
+                run_eval(evaluator, eval_model, solver, reference, device, autocast, num_classes=data.num_classes)
+            )
             tracker.log(latest, step=trainer.step)
             log.info("epoch %d: %s", epoch, _brief(latest))
         if epoch % cfg.checkpoint.every_epochs == 0:
@@ -204,7 +239,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     try:
         trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end)
-        metrics = evaluator(
+        metrics = run_eval(
+            evaluator,
             eval_model,
             solver,
             reference,
@@ -212,7 +248,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             autocast,
             out_dir=run_dir,
             num_classes=data.num_classes,
-            decode=getattr(data, "decode", None),  # latent data sets decode for the grids
+            decode=getattr(data, "decode", None),  # latent data sets decode for the grids and FID
+            source=f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}",
         )
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
         metrics["train/steps"] = float(trainer.step)
@@ -242,7 +279,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tracker.finish()
         raise
     tracker.finish()
-    _write_json(run_dir / "metrics.json", metrics)
+    _write_json(run_dir / "metrics.json", {**metrics, **evaluator.settings(solver)})
     _finish(cfg, run_name, "completed", metrics, last_path, started, t0)
     objects = {
         "model": model,
@@ -259,7 +296,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Eval-only run: rebuild the model from the checkpoint's own config and score its EMA weights.
 
-    Creates no trackio run; metrics go to the run directory's metrics.json and the log.
+    Creates no training run in trackio: metrics go to the run directory's metrics.json, the
+    experiment log and, with trackio enabled, a trackio run ``eval/<run_name>`` at the checkpoint's step.
     """
     run_name = require_run_name(cfg)
     started, t0 = datetime.now(), time.perf_counter()
@@ -271,10 +309,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model, state = load_model(path, use_ema=cfg.eval_use_ema, device=device, what="eval_checkpoint")
     data = load_data(state, path)
     solver = build(cfg, "solver")
-    evaluator = build(cfg, "eval")
+    from_checkpoint = eval_config(cfg, state)
+    evaluator = build(cfg if from_checkpoint is None else OmegaConf.create({"eval": from_checkpoint}), "eval")
+    run_eval(evaluator.prepare, device)
     run_dir = Path(cfg.paths.run_dir)
     autocast = partial(precision.autocast_context, device)
-    metrics = evaluator(
+    metrics = run_eval(
+        evaluator,
         model,
         solver,
         data.eval_set,
@@ -283,9 +324,21 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         out_dir=run_dir,
         num_classes=data.num_classes,
         decode=getattr(data, "decode", None),
+        source=f"{path.resolve()}@step{state['step']}{'' if cfg.eval_use_ema else ':raw'}",
     )
     metrics["checkpoint_step"] = float(state["step"])
-    _write_json(run_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    _write_json(run_dir / "metrics.json", {**metrics, **evaluator.settings(solver), "checkpoint": str(path)})
+    if cfg.trackio.enabled:
+        tracker = make_tracker(
+            True,
+            cfg.trackio.project,
+            f"eval/{run_name}",
+            {"checkpoint": str(path), **evaluator.settings(solver)},
+            resume=False,
+            overwrite=bool(cfg.overwrite),
+        )
+        tracker.log(metrics, step=int(state["step"]))
+        tracker.finish()
     _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
     return metrics, {"model": model, "solver": solver, "run_dir": run_dir}
 
@@ -295,12 +348,15 @@ def _brief(metrics: dict[str, float]) -> str:
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
-    """Energy distance per NFE as a small text table."""
-    rows = [
-        (k.split("@")[1], v, metrics.get(f"eval/nfe_used@{k.split('@')[1]}", float("nan")))
-        for k, v in metrics.items()
-        if k.startswith("eval/energy_distance@")
-    ]
-    lines = [f"{'budget':>10} {'NFE used':>9} {'energy distance':>16}"]
-    lines += [f"{key:>10} {int(used):>9d} {value:>16.5f}" for key, value, used in rows]
+    """Scores per NFE budget as a small text table: energy distance, and FID/KID where computed."""
+    columns = [("nfe_used", "NFE used", "{:.0f}"), ("energy_distance", "energy distance", "{:.5f}")]
+    columns += [(name, name.upper(), "{:.4f}") for name in ("fid", "kid") if any(f"eval/{name}@" in k for k in metrics)]
+    keys = list(dict.fromkeys(k.split("@")[1] for k in metrics if k.startswith("eval/") and "@" in k))
+    lines = [f"{'budget':>10}" + "".join(f" {label:>16}" for _, label, _ in columns)]
+    for key in keys:
+        cells = [
+            fmt.format(metrics[f"eval/{name}@{key}"]) if f"eval/{name}@{key}" in metrics else "-"
+            for name, _, fmt in columns
+        ]
+        lines.append(f"{key:>10}" + "".join(f" {c:>16}" for c in cells))
     return "\n".join(lines)

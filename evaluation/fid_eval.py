@@ -1,0 +1,162 @@
+"""FID, KID and energy distance on Inception features for a model's samples (``eval.fid``).
+
+Samples go to disk first (numbered PNGs, resumable, see ``sample_folder``), then through the same
+clean-fid loader as the reference images: generated and reference images are quantised to 8 bits
+and resized the same way, as in the papers' protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from evaluation.energy_distance import energy_distance
+from evaluation.errors import EvaluationError
+from evaluation.fid import FeatureExtractor, Statistics, check_mode, features, fid, kid, load_inception
+from evaluation.fid_reference import reference_statistics
+from evaluation.sample_folder import write_samples
+
+log = logging.getLogger(__name__)
+
+Generate = Callable[[int, int], Tensor]
+
+
+class FIDEval:
+    """Scores ``num_samples`` generated images per NFE budget against ``reference``; off when
+    ``num_samples`` is 0.
+
+    ``reference`` is a statistics name, an .npz file, a folder of images or
+    ``cleanfid:<dataset>:<split>:<res>`` (see ``fid_reference``). ``extractor`` replaces the
+    Inception network only where the weights cannot exist (tests); results made with it carry
+    its name and are never compared with Inception statistics.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 0,
+        nfe: list[int] | None = None,
+        reference: str | None = None,
+        mode: str = "clean",
+        inception_path: str | None = None,
+        kid: bool = True,
+        batch_size: int = 250,
+        feature_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        resolution: int | None = None,
+        energy_distance_samples: int = 2000,
+        stats_dir: str = "outputs/fid_stats",
+        sample_dir: str = "outputs/samples",
+        progress: bool = True,
+        extractor: FeatureExtractor | None = None,
+    ):
+        if num_samples < 0:
+            raise EvaluationError(f"eval.fid.num_samples must be >= 0 (0 = off), got {num_samples}")
+        if num_samples and not reference:
+            raise EvaluationError(
+                "eval.fid.num_samples > 0 needs eval.fid.reference (a statistics name, an .npz file, a folder of "
+                "images, or cleanfid:<dataset>:<split>:<res>)"
+            )
+        self.num_samples = num_samples
+        self.nfe = None if nfe is None else list(nfe)
+        self.reference = reference
+        self.mode = check_mode(mode)
+        self.inception_path = inception_path
+        self.kid = kid
+        self.batch_size = batch_size
+        self.feature_batch_size = feature_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.resolution = resolution
+        self.energy_distance_samples = energy_distance_samples
+        self.stats_dir = Path(stats_dir)
+        self.sample_dir = Path(sample_dir)
+        self.progress = progress
+        self._extractor = extractor
+        self._reference: Statistics | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_samples > 0
+
+    def extractor(self, device: torch.device) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = load_inception(self.mode, self.inception_path, device)
+        return self._extractor
+
+    def reference_stats(self, device: torch.device) -> Statistics:
+        if self._reference is None:
+            assert self.reference is not None
+            self._reference = reference_statistics(
+                self.reference,
+                self.extractor(device),
+                self.stats_dir,
+                self.resolution,
+                self.feature_batch_size,
+                self.num_workers,
+                self.progress,
+            )
+        return self._reference
+
+    def settings(self) -> dict[str, Any]:
+        """What goes into metrics.json beside the scores."""
+        return {
+            "fid/num_samples": self.num_samples,
+            "fid/seed": self.seed,
+            "fid/mode": self.mode,
+            "fid/reference": self.reference,
+        }
+
+    def __call__(
+        self, generators: Mapping[str, Generate], settings: dict[str, Any], device: torch.device
+    ) -> dict[str, float]:
+        """Scores per budget key (``eval/fid@nfe10``, ``eval/kid@nfe10``, ...) for the samples each
+        ``generators[key]`` makes; ``settings`` (checkpoint, solver, guidance) label the sample folders."""
+        reference = self.reference_stats(device)
+        extractor = self.extractor(device)
+        metrics: dict[str, float] = {}
+        for key, generate in generators.items():
+            solver = str(settings.get("solver", "solver")).split("(")[0]
+            folder = self.sample_dir / f"{key}_{solver}_w{settings.get('guidance_scale', 1.0):g}_seed{self.seed}"
+            files = write_samples(
+                folder,
+                self.num_samples,
+                self.batch_size,
+                generate,
+                {**settings, "budget": key, "seed": self.seed},
+                self.progress,
+            )
+            feats = features(
+                files,
+                extractor,
+                self.feature_batch_size,
+                self.num_workers,
+                resolution=self.resolution,
+                progress=self.progress,
+                desc=f"features {key}",
+            )
+            resolution = f"{self.resolution}x{self.resolution}" if self.resolution else _size_of(files[0])
+            stats = Statistics.from_features(feats, self.mode, extractor.name, resolution, source=str(folder))
+            metrics[f"eval/fid@{key}"] = fid(stats, reference)
+            if self.kid and len(reference.feats) > 1:
+                metrics[f"eval/kid@{key}"] = kid(stats, reference, seed=self.seed)
+            elif self.kid:
+                log.warning("reference %s stores no features: KID skipped", self.reference)
+            if self.energy_distance_samples and len(reference.feats) > 1:
+                n = self.energy_distance_samples
+                metrics[f"eval/energy_distance_features@{key}"] = energy_distance(
+                    torch.from_numpy(feats[:n]).to(device), torch.from_numpy(reference.feats[:n]).to(device)
+                )
+            log.info("%s: FID %.4g over %d samples in %s", key, metrics[f"eval/fid@{key}"], len(files), folder)
+        return metrics
+
+
+def _size_of(path: Path) -> str:
+    with Image.open(path) as im:
+        return f"{im.width}x{im.height}"
