@@ -1,0 +1,239 @@
+"""CLIP score of images against their prompts (Hessel et al. 2021, "CLIPScore").
+
+For each (image, prompt) pair, ``100 * max(cos(E_image, E_text), 0)`` with the embeddings of an
+open_clip model, averaged over pairs; higher is better. This is CLIP-S with the weight 100 that
+text-to-image papers and torchmetrics report (torchmetrics clamps the mean rather than each pair,
+the same whenever no cosine is negative, as for real CLIP models). Embeddings are compared in
+float32. Images are resized, cropped and normalised on tensors with the model's own preprocessing
+config, which matches open_clip's PIL pipeline up to resampling differences.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from open_clip.transform import PreprocessCfg
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+
+from evaluation.errors import EvaluationError
+from evaluation.sample_folder import SAMPLE
+
+log = logging.getLogger(__name__)
+
+Tokenizer = Callable[[list[str]], Tensor]
+
+
+class CLIPScoreError(EvaluationError):
+    """Unusable CLIP score input (prompts, images, sample folder, model)."""
+
+
+class CLIPWeightsNotFoundError(CLIPScoreError):
+    """The CLIP weights asked for are neither a local file nor obtainable from the hub (cache)."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line (surrounding whitespace stripped); blank lines and ``#`` comments skipped."""
+    if not path.is_file():
+        raise CLIPScoreError(f"prompt file {path} does not exist")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise CLIPScoreError(f"prompt file {path} holds no prompts (blank lines and '#' comments are skipped)")
+    return prompts
+
+
+@dataclass(frozen=True)
+class CLIPImageTransform:
+    """open_clip's inference preprocessing on (N, C, H, W) tensors in [0, 1]: resize (shortest side
+    to the target, then center crop; or ``squash`` to the target), clamp, normalise.
+
+    Working on tensors keeps generated images on the device, without a PIL round trip.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in ("shortest", "squash"):
+            raise CLIPScoreError(f"CLIP preprocessing resize_mode {self.resize_mode!r} is not supported")
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CLIPImageTransform:
+        """The config open_clip attached to ``model.visual`` (open_clip's defaults where missing)."""
+        cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+        size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)
+        return cls((int(size[0]), int(size[1])), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation, cfg.resize_mode)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise CLIPScoreError(f"expected images as (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
+        images = images.float().expand(-1, 3, -1, -1)  # grayscale -> RGB, as PIL's convert("RGB")
+        (h, w), (th, tw) = images.shape[-2:], self.size
+        if self.resize_mode == "squash":
+            resized = [th, tw]
+        elif th / h >= tw / w:  # height is the shortest side relative to the target: fit it exactly
+            resized = [th, max(tw, int(w * th / h))]  # int() rounds down, as torchvision's Resize(size)
+        else:
+            resized = [max(th, int(h * tw / w)), tw]
+        mode = InterpolationMode(self.interpolation)
+        images = TF.resize(images, resized, interpolation=mode, antialias=True)
+        images = TF.center_crop(images, [th, tw]).clamp(0, 1)  # bicubic overshoots; PIL clips to uint8
+        return TF.normalize(images, list(self.mean), list(self.std))
+
+
+def clip_score(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
+    """Per-pair ``100 * max(cos, 0)`` of row-aligned (N, D) embeddings, in float32."""
+    cos = F.cosine_similarity(image_embeddings.float(), text_embeddings.float(), dim=-1)
+    return 100 * cos.clamp(min=0)
+
+
+class CLIPScore:
+    """Scores images against prompts with an open_clip model, its image preprocessing (e.g.
+    ``CLIPImageTransform.from_model(model)``) and its tokenizer.
+
+    The model is put in eval mode on ``device``; everything runs without gradients.
+    """
+
+    def __init__(
+        self,
+        model: open_clip.CLIP | open_clip.CustomTextCLIP,
+        preprocess: Callable[[Tensor], Tensor],
+        tokenizer: Tokenizer,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """(P, D) float32 text embeddings, on the device."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(list(prompts[start : start + batch_size])).to(self.device)
+            out.append(self.model.encode_text(tokens).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _embed_pixels(self, pixels: Tensor) -> Tensor:
+        return self.model.encode_image(pixels.to(self.device)).float()
+
+    @torch.no_grad()
+    def score_images(self, images: Tensor, prompts: list[str], batch_size: int = 64) -> Tensor:
+        """Scores (N,) on the CPU of images (N, C, H, W) in [0, 1] (C = 1 or 3) against
+        ``prompts[i]``; repeated prompts are embedded once."""
+        if len(images) != len(prompts):
+            raise CLIPScoreError(f"{len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        unique = list(dict.fromkeys(prompts))
+        text = self.embed_texts(unique, batch_size)
+        row = {p: i for i, p in enumerate(unique)}
+        which = torch.tensor([row[p] for p in prompts], device=self.device)
+        scores = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.preprocess(images[start : start + batch_size].to(self.device))
+            scores.append(clip_score(self._embed_pixels(pixels), text[which[start : start + batch_size]]))
+        return torch.cat(scores).cpu()
+
+    @torch.no_grad()
+    def score_folder(self, folder: Path, prompts: list[str], batch_size: int = 64) -> tuple[float, int]:
+        """(mean score, count) over the numbered samples ``000000.png ...`` in ``folder``, sample
+        ``i`` (its file number) generated from ``prompts[i % len(prompts)]``. Other files are ignored.
+
+        Images are read, preprocessed one by one (sizes may differ) and embedded in batches, so
+        a folder of 50k samples never sits in memory.
+        """
+        files = _numbered_pngs(folder)
+        if not prompts:
+            raise CLIPScoreError("no prompts to score the samples against")
+        text = self.embed_texts(prompts, batch_size)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            pixels = torch.cat([self.preprocess(_read_png(p).to(self.device)[None]) for p in chunk])
+            which = torch.tensor([int(p.stem) % len(prompts) for p in chunk], device=self.device)
+            total += clip_score(self._embed_pixels(pixels), text[which]).double().sum()
+        mean = float(total) / len(files)
+        log.info("CLIP score %.3f over %d samples in %s (%d prompts)", mean, len(files), folder, len(prompts))
+        return mean, len(files)
+
+
+def _numbered_pngs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CLIPScoreError(f"sample folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if SAMPLE.match(p.name))
+    if not files:
+        raise CLIPScoreError(f"sample folder {folder} holds no numbered PNG samples (000000.png, 000001.png, ...)")
+    return files
+
+
+def _read_png(path: Path) -> Tensor:
+    """(3, H, W) float32 in [0, 1]; grayscale and palette PNGs come back as RGB."""
+    with Image.open(path) as image:
+        return TF.pil_to_tensor(image.convert("RGB")).float() / 255
+
+
+def load_clip_scorer(
+    model_name: str = "ViT-B-32",
+    pretrained: str = "openai",
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+) -> CLIPScore:
+    """A ``CLIPScore`` with pretrained weights: ``pretrained`` is an open_clip tag of ``model_name``
+    (fetched from the Hugging Face hub, or its cache under ``HF_HUB_OFFLINE=1``) or a local weights
+    file. Never falls back to random weights: weights that cannot be found raise
+    ``CLIPWeightsNotFoundError`` with the fix in one line.
+
+    A tag's QuickGELU setting is applied (OpenAI weights need it; open_clip only warns). A local
+    file of OpenAI weights needs the ``-quickgelu`` model name (``ViT-B-32-quickgelu``).
+    """
+    if model_name not in open_clip.list_models():
+        raise CLIPScoreError(f"unknown open_clip model {model_name!r}; open_clip.list_models() lists the known ones")
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag:
+        _fetch_tag(model_name, pretrained, tag, cache_dir)
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+            raise CLIPWeightsNotFoundError(
+                f"CLIP weights {pretrained!r} for {model_name}: no such file, and not a pretrained tag of "
+                f"{model_name} (its tags: {tags})"
+            )
+        pretrained = str(path)
+    model = open_clip.create_model(
+        model_name,
+        pretrained=pretrained,
+        device=device,
+        force_quick_gelu=bool(tag.get("quick_gelu", False)),
+        cache_dir=cache_dir,
+        require_pretrained=True,
+    )
+    log.info("CLIP score model %s (%s) on %s", model_name, pretrained, device)
+    return CLIPScore(model, CLIPImageTransform.from_model(model), open_clip.get_tokenizer(model_name), device)
+
+
+def _fetch_tag(model_name: str, pretrained: str, tag: dict[str, Any], cache_dir: str | None) -> None:
+    """Puts the tag's weights in the hub cache (a cache hit when they are there), turning open_clip's
+    unhelpful failure offline into a one-line error; ``create_model`` then loads from the cache."""
+    try:
+        open_clip.download_pretrained(tag, cache_dir=cache_dir)
+    except FileNotFoundError as err:  # what open_clip raises when the hub download fails
+        raise CLIPWeightsNotFoundError(
+            f"CLIP weights {model_name}/{pretrained} are not in the local Hugging Face cache and could not be "
+            "downloaded (offline?): pass a local weights file (pretrained=/path/to/open_clip_pytorch_model.bin) "
+            "or run once online, with HF_HUB_OFFLINE unset, so the hub cache fills"
+        ) from err
