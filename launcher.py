@@ -33,7 +33,7 @@ def check_group_options(argv: list[str], config_dir: Path = CONFIG_DIR) -> str |
             continue
         key, value = arg.split("=", 1)
         group = config_dir / key
-        if key == "hydra" or "/" in key or not group.is_dir() or "(" in value:
+        if key.split("/")[0] == "hydra" or not group.is_dir() or "(" in value:
             continue
         valid = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):

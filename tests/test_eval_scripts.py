@@ -15,14 +15,11 @@ from PIL import Image
 
 from evaluation.clip_score import CLIPScore
 from evaluation.fid import Statistics
+from scripts import fid_stats, score_samples
 from tests.fid_helpers import digit_images, tiny_extractor, write_folder
 from tests.test_clip_score import PROMPTS, flat_images, one_thread, tiny  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import fid_stats  # noqa: E402
-import score_samples  # noqa: E402
 
 
 def test_fid_stats_caches_a_folder_by_name_and_refuses_to_overwrite(tmp_path: Path, capsys) -> None:

@@ -59,6 +59,7 @@ def test_unknown_group_option_lists_the_valid_ones(tmp_path):
 def test_check_group_options_reads_sweeps_and_ignores_values():
     assert check_group_options(["loss=fm,fm_ot", "optimizer.lr=1e-3", "seed=1,2"]) is None
     assert "unknown solver option 'rk5'" in check_group_options(["-m", "solver=euler,rk5"])
+    assert "unknown eval/fid option 'cifar100'" in check_group_options(["eval/fid=cifar100"])  # nested groups too
 
 
 def test_help_lists_groups(tmp_path):
