@@ -43,6 +43,7 @@ class EnergyDistanceEval:
         batch_size: int = 5000,
         guidance_scale: float = 1.0,
         fid: FIDEval | None = None,
+        every_steps: int = 0,
     ):
         self.nfe = list(nfe)
         self.num_samples = num_samples
@@ -52,6 +53,7 @@ class EnergyDistanceEval:
         self.batch_size = batch_size
         self.guidance_scale = guidance_scale
         self.fid = fid
+        self.every_steps = every_steps
 
     def __call__(
         self,
@@ -64,6 +66,8 @@ class EnergyDistanceEval:
         num_classes: int = 0,
         decode: Callable[[Tensor], Tensor] | None = None,
         source: str = "",
+        step: int | None = None,
+        captions: list[str] | None = None,
     ) -> dict[str, float]:
         """Scores as flat keys (``eval/energy_distance@nfe10``); with ``out_dir`` (the final
         evaluation) also writes the samples and plots there (``write_artifacts``). ``source`` names
@@ -170,8 +174,12 @@ class ImageEval(EnergyDistanceEval):
         num_classes: int = 0,
         decode: Callable[[Tensor], Tensor] | None = None,
         source: str = "",
+        step: int | None = None,
+        captions: list[str] | None = None,
     ) -> dict[str, float]:
-        metrics = super().__call__(model, solver, reference, device, autocast, out_dir, num_classes, decode, source)
+        metrics = super().__call__(
+            model, solver, reference, device, autocast, out_dir, num_classes, decode, source, step, captions
+        )
         if out_dir is None or self.fid is None or not self.fid.enabled:
             return metrics
         was_training = model.training

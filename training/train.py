@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from training.checkpoint import FORMAT, config_differences, load_checkpoint, sav
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
 from training.inference import load_data, load_model
+from training.optim import param_groups
 from training.precision import Precision, resolve_device
 from training.seeding import rng_state, seed_everything, set_rng_state
 from training.tracking import Tracker, make_tracker
@@ -177,7 +179,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
-    optimizer = build(cfg, "optimizer")(params=model.parameters())
+    try:
+        groups = param_groups(model, OmegaConf.to_container(cfg.param_groups))  # type: ignore[arg-type]
+        optimizer = build(cfg, "optimizer")(params=groups)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     lr_schedule = build(cfg, "lr_schedule")(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
     if last_path.exists() and not cfg.resume:
         shutil.rmtree(ckpt_dir)  # overwrite=true, and everything above was built: start the run over
@@ -224,13 +230,34 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
 
     latest: dict[str, float] = {}
+    captions = getattr(data, "eval_captions", None)  # captioned data: held-out captions for text models
+
+    def periodic_eval() -> None:
+        latest.update(
+            run_eval(
+                evaluator,
+                eval_model,
+                solver,
+                reference,
+                device,
+                autocast,
+                num_classes=data.num_classes,
+                step=trainer.step,
+                captions=captions,
+            )
+        )
+        tracker.log(latest, step=trainer.step)
+
+    def on_step_end(step: int) -> None:
+        if evaluator.every_steps and step % evaluator.every_steps == 0:
+            periodic_eval()
+            log.info("step %d: %s", step, _brief(latest))
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            checkpoint(last_path, latest)
 
     def on_epoch_end(epoch: int) -> None:
         if epoch < cfg.epochs and evaluator.every_epochs and epoch % evaluator.every_epochs == 0:
-            latest.update(
-                run_eval(evaluator, eval_model, solver, reference, device, autocast, num_classes=data.num_classes)
-            )
-            tracker.log(latest, step=trainer.step)
+            periodic_eval()
             log.info("epoch %d: %s", epoch, _brief(latest))
         if epoch % cfg.checkpoint.every_epochs == 0:
             checkpoint(last_path, latest)
@@ -238,7 +265,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             checkpoint(ckpt_dir / "archive" / f"epoch_{epoch:04d}.pt", latest)
 
     try:
-        trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end)
+        hook_steps = [n for n in (evaluator.every_steps, cfg.checkpoint.every_steps) if n]
+        trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end, on_step_end, math.gcd(*hook_steps))
         metrics = run_eval(
             evaluator,
             eval_model,
@@ -249,6 +277,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             out_dir=run_dir,
             num_classes=data.num_classes,
             decode=getattr(data, "decode", None),  # latent data sets decode for the grids and FID
+            step=trainer.step,
+            captions=captions,
             source=f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}",
         )
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")

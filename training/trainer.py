@@ -171,11 +171,15 @@ class Trainer:
         epochs: int,
         max_steps: int | None,
         on_epoch_end: Callable[[int], None],
+        on_step_end: Callable[[int], None] | None = None,
+        step_hook_every: int = 0,
     ) -> None:
         """Train until ``epochs`` are done or ``max_steps`` optimizer steps are reached.
 
-        ``on_epoch_end(epoch)`` runs after every completed epoch (evaluation, checkpoints), always
-        after the epoch's losses were checked, so a checkpoint never holds weights past a NaN.
+        ``on_epoch_end(epoch)`` runs after every completed epoch (evaluation, checkpoints), and
+        ``on_step_end(step)`` every ``step_hook_every`` optimizer steps (step-based checkpoints and
+        sample grids for data sets whose epochs are long), both always after the losses so far were
+        checked, so a checkpoint never holds weights past a NaN.
         """
         steps_per_epoch = len(loader) // self.grad_accum  # type: ignore[arg-type]
         if steps_per_epoch == 0:
@@ -230,6 +234,10 @@ class Trainer:
                     bar.update(self.step - bar.n)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
+                if on_step_end is not None and step_hook_every and self.step % step_hook_every == 0:
+                    self._flush(pending)
+                    on_step_end(self.step)
+                    window_start, window_steps = time.perf_counter(), 0  # hook time is not training time
                 if self.step >= total:
                     break
             self._flush(pending)
