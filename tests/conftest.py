@@ -22,12 +22,13 @@ TINY = [
     "device=cpu",
     "trackio.enabled=false",
     "epochs=2",
-    "eval.nfe=[1,4]",
-    "eval.num_samples=256",
-    "eval.every_epochs=1",
-    "eval.trajectory_points=16",
     "checkpoint.archive_every_epochs=1",
 ]
+# the sample evaluators' settings, shrunk; left out when a test picks the prompt-grid evaluator
+TINY_EVAL = ["eval.nfe=[1,4]", "eval.num_samples=256", "eval.every_epochs=1", "eval.trajectory_points=16"]
+
+# GLIDE's tokenizer vocabulary, shared reference data (not in the repository)
+GLIDE_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glide"
 
 
 # the default 2D data, shrunk; left out when a test picks other data or an experiment
@@ -37,9 +38,11 @@ TINY_TOY_DATA = ["dataloaders.num_train=1024", "dataloaders.num_eval=256", "data
 def tiny_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The launcher's config with TINY settings, every output under ``tmp_path``."""
     other_data = any(o.startswith(("dataloaders=", "experiment=")) for o in overrides)
+    prompt_eval = any(o in ("eval=prompts",) or o.startswith("experiment=glide") for o in overrides)
     return compose_config(
         [
             *TINY,
+            *([] if prompt_eval else TINY_EVAL),
             *([] if other_data else TINY_TOY_DATA),
             f"paths.root={tmp_path}/outputs",
             f"paths.run_dir={tmp_path}/run",
