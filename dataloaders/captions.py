@@ -1,0 +1,292 @@
+"""Captioned images for text-to-image models (GLIDE): batches of
+
+    {"x1": (B, 3, S, S) in [-1, 1], "cond": {"tokens": (B, ctx) long, "mask": (B, ctx) bool,
+                                             "low_res": (B, 3, L, L) in [-1, 1]  (upsampler only)}}
+
+The data objects know nothing of models: the tokenizer is any callable
+``tokenizer(captions) -> (tokens, mask)`` with an int attribute ``truncated``, passed in (Hydra
+builds it from the config's ``tokenizer`` node).
+
+Tokenizing happens in the main process, on each batch's captions: the tokenizer's ``truncated``
+count then lives in one object and is exact (a copy in each worker would count in vain), and
+tokenizing a batch of captions costs far less than a GLIDE step. Workers do the heavy part:
+decoding, trimming, cropping, resizing, and they send uint8 images (4x less to copy than float).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dataloaders.caption_preprocess import (
+    DECODE_ERRORS,
+    Preprocess,
+    collate_records,
+    load_image,
+    mix_seed,
+    pick_caption,
+)
+
+log = logging.getLogger(__name__)
+
+CAPTIONED_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+# stats keys that mean a sample was dropped (the others are information: seen, upscaled, ...)
+SKIP_REASONS = ("corrupt", "missing_image", "missing_caption", "filtered", "unreadable")
+
+
+class Tokenizer(Protocol):
+    truncated: int
+
+    def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]: ...
+
+
+def _to_model_range(x: Tensor) -> Tensor:
+    """uint8 [0, 255] → float [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check_rgb_unlabelled(channels: int, num_classes: int) -> None:
+    _check(channels == 3, f"captioned images are loaded as RGB: dataloaders.channels must be 3, got {channels}")
+    _check(num_classes == 0, f"captions, not class labels: dataloaders.num_classes must be 0, got {num_classes}")
+
+
+class CaptionLoader:
+    """The main-process half shared by the caption data sets: chunks from workers → batch dicts.
+
+    ``chunks(epoch)`` yields worker chunks (see ``caption_preprocess.make_chunk``); this class adds
+    their counts to ``stats`` (reset each epoch), drops chunks smaller than ``batch_size`` (the tail
+    of a worker's stream, kept only for its counts), replaces captions by "" with probability
+    ``uncond_p`` (classifier-free guidance), tokenizes, moves to ``device`` and logs the epoch's
+    counts at its end. Every random choice is a function of (seed, epoch), so ``set_epoch`` resumes.
+    With ``stop_at_length`` (resampled streams, which never end) an epoch is ``length`` batches.
+    """
+
+    def __init__(self, chunks: Callable[[int], Iterable[dict]], length: int, batch_size: int,
+                 tokenizer: Tokenizer, device: torch.device, seed: int, uncond_p: float, name: str,
+                 stop_at_length: bool = False):  # fmt: skip
+        self.chunks = chunks
+        self.length = length
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.device = device
+        self.seed = seed
+        self.uncond_p = uncond_p
+        self.name = name
+        self.stop_at_length = stop_at_length
+        self.epoch = 0
+        self.stats: Counter = Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stats = Counter()
+        truncated_before = self.tokenizer.truncated
+        drop = random.Random(mix_seed(self.seed, self.epoch, "uncond"))
+        n = 0
+        for chunk in self.chunks(self.epoch):
+            self.stats.update(chunk["counts"])
+            captions = chunk["captions"]
+            if len(captions) < self.batch_size:
+                continue
+            captions = ["" if drop.random() < self.uncond_p else c for c in captions]
+            tokens, mask = self.tokenizer(captions)
+            self.stats["truncated"] = self.tokenizer.truncated - truncated_before
+            cond = {"tokens": self._to_device(tokens), "mask": self._to_device(mask)}
+            if chunk["low_res"] is not None:
+                cond["low_res"] = _to_model_range(self._to_device(chunk["low_res"]))
+            yield {"x1": _to_model_range(self._to_device(chunk["images"])), "cond": cond}
+            n += 1
+            if self.stop_at_length and n >= self.length:
+                break
+        if n == 0:
+            raise ValueError(
+                f"{self.name}: epoch {self.epoch} made no batch of {self.batch_size} ({self.describe()}); "
+                "lower batch_size or num_workers, or loosen the filters"
+            )
+        log.info("%s epoch %d: %d batches; %s", self.name, self.epoch, n, self.describe())
+
+    def describe(self) -> str:
+        skipped = ", ".join(f"{k} {self.stats[k]}" for k in SKIP_REASONS if self.stats[k])
+        return (
+            f"read {self.stats['seen']}, skipped ({skipped or 'none'}), "
+            f"upscaled {self.stats['upscaled']}, empty captions {self.stats['empty_caption']}, "
+            f"truncated captions {self.stats['truncated']}"
+        )
+
+
+class CaptionPairs(Dataset):
+    """(image path, caption text) pairs → records; a corrupt image is counted and replaced by the next.
+
+    ``rng_seed`` makes each item's crop and caption line a function of (seed, epoch, index).
+    """
+
+    def __init__(self, pairs: list[tuple[Path, str]], preprocess: Preprocess, rng_seed: int):
+        self.pairs = pairs
+        self.preprocess = preprocess
+        self.rng_seed = rng_seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        counts: Counter = Counter()
+        for i in range(index, index + len(self.pairs)):
+            path, text = self.pairs[i % len(self.pairs)]
+            counts["seen"] += 1
+            try:
+                image = load_image(path)
+            except DECODE_ERRORS as e:
+                counts["corrupt"] += 1
+                log.warning("skipping corrupt image %s (%s)", path, e)
+                continue
+            rng = random.Random(mix_seed(self.rng_seed, i))
+            x, low_res, upscaled = self.preprocess(image, rng)
+            caption = pick_caption(text, rng)
+            counts["upscaled"] += int(upscaled)
+            counts["empty_caption"] += int(not caption)
+            return {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+        raise ValueError(f"every image of the {len(self.pairs)} pairs failed to decode; check the files")
+
+
+def scan_caption_folder(root: Path) -> tuple[list[tuple[Path, str]], Counter]:
+    """Every ``name.{jpg,jpeg,png,webp}`` below root (any depth) with its ``name.txt``, sorted by path.
+
+    Counts: images, missing_caption (image without .txt, skipped), empty_caption (kept: it trains
+    unconditionally).
+    """
+    counts: Counter = Counter()
+    pairs = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in CAPTIONED_SUFFIXES and p.is_file()):
+        counts["images"] += 1
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            counts["missing_caption"] += 1
+            continue
+        text = caption_file.read_text(encoding="utf-8", errors="replace")
+        counts["empty_caption"] += int(not text.strip())
+        pairs.append((path, text))
+    return pairs, counts
+
+
+class CaptionFolderData:
+    """A folder of ``name.jpg|png|webp`` + ``name.txt`` pairs (recursive) for text-to-image training.
+
+    A caption file may hold several captions, one a line: each visit picks one at random. Images
+    without a caption file are skipped and counted (``counts["missing_caption"]``), empty captions
+    counted (``counts["empty_caption"]``) and kept. ``num_eval`` pairs chosen with ``seed`` are
+    held out: ``eval_set`` (centre crops in [-1, 1]), ``eval_captions`` (first lines) and, for an
+    upsampler, ``eval_low_res``. ``test_run=N`` trains on only the first N remaining pairs.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        tokenizer: Tokenizer,
+        image_size: int = 64,
+        low_res_size: int | None = None,
+        channels: int = 3,
+        num_classes: int = 0,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        num_eval: int = 8,
+        uncond_p: float = 0.0,
+        min_crop_scale: float = 0.9,
+        crop_jitter: float = 0.1,
+        trim_threshold: int = 245,
+        test_run: int | None = None,
+        seed: int = 0,
+    ):
+        check_rgb_unlabelled(channels, num_classes)
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"dataloaders.root={root} is not a folder; point it to the image+caption pairs")
+        pairs, self.counts = scan_caption_folder(path)
+        _check(
+            self.counts["images"] > 0,
+            f"no images ({', '.join(sorted(CAPTIONED_SUFFIXES))}) under dataloaders.root={root}; "
+            "put name.jpg + name.txt pairs there",
+        )
+        _check(
+            bool(pairs),
+            f"none of the {self.counts['images']} images under dataloaders.root={root} has a caption file; "
+            "add name.txt next to each name.jpg",
+        )
+        if self.counts["missing_caption"]:
+            log.warning("%s: skipped %d images without a .txt caption", root, self.counts["missing_caption"])
+        if self.counts["empty_caption"]:
+            log.warning("%s: %d caption files are empty (kept, trained unconditionally)", root,
+                        self.counts["empty_caption"])  # fmt: skip
+
+        self.preprocess = Preprocess(image_size, low_res_size, min_crop_scale, crop_jitter, trim_threshold)
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = min(num_eval, len(pairs) - 1)
+        self.train_pairs = [pairs[i] for i in sorted(perm[n_eval:])]
+        if test_run is not None:
+            self.train_pairs = self.train_pairs[:test_run]
+        _check(
+            len(self.train_pairs) >= batch_size,
+            f"{len(self.train_pairs)} training pairs but batch_size={batch_size}; lower batch_size (or num_eval)",
+        )
+        self._hold_out([pairs[i] for i in sorted(perm[:n_eval])])
+        self.shape: tuple[int, ...] = (3, image_size, image_size)
+        self.num_classes = 0
+        self.tokenizer = tokenizer
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.uncond_p = uncond_p
+        self.seed = seed
+        self.root = root
+
+    def _hold_out(self, pairs: list[tuple[Path, str]]) -> None:
+        """Centre crops and first caption lines of the held-out pairs; corrupt images are left out."""
+        centred, rng = self.preprocess.centred(), random.Random(0)
+        images, lows, self.eval_captions = [], [], []
+        for path, text in pairs:
+            try:
+                image = load_image(path)
+            except DECODE_ERRORS as e:
+                log.warning("leaving corrupt image %s out of eval_set (%s)", path, e)
+                continue
+            x, low_res, _ = centred(image, rng)
+            images.append(x)
+            lows.append(low_res)
+            self.eval_captions.append(pick_caption(text, None))
+        size = self.preprocess.image_size
+        stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        self.eval_set = _to_model_range(stacked)  # (n_eval, 3, S, S) in [-1, 1]
+        self.eval_low_res = _to_model_range(torch.stack(lows)) if images and lows[0] is not None else None  # type: ignore[arg-type]
+
+    def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
+        run_seed = mix_seed(self.seed, seed)
+
+        def chunks(epoch: int) -> DataLoader:
+            epoch_seed = mix_seed(run_seed, epoch)
+            return DataLoader(
+                CaptionPairs(self.train_pairs, self.preprocess, rng_seed=epoch_seed),
+                batch_size=self.batch_size, shuffle=True, drop_last=True,
+                generator=torch.Generator().manual_seed(epoch_seed), num_workers=self.num_workers,
+                collate_fn=collate_records, pin_memory=device.type == "cuda", persistent_workers=False,
+            )  # fmt: skip
+
+        return CaptionLoader(chunks, len(self.train_pairs) // self.batch_size, self.batch_size, self.tokenizer,
+                             device, run_seed, self.uncond_p, name=f"captions {self.root}")  # fmt: skip

@@ -1,0 +1,341 @@
+"""Captioned images from WebDataset tar shards (LAION and img2dataset layouts): the same batches as
+``dataloaders.captions`` (see there), read with the ``webdataset`` library.
+
+Each sample is ``KEY.jpg`` (``image_key``; "jpg;png;webp" tries each), ``KEY.txt`` (``caption_key``)
+and optionally ``KEY.json`` (``metadata_key``: LAION's width, height, pwatermark, punsafe,
+similarity). Nothing a shard holds crashes training: unreadable shards, corrupt images, samples
+without an image or a caption, and samples failing the LAION filters are skipped and counted.
+
+Counting with workers: each DataLoader worker counts what it skipped and sends the counts along
+with its next batch (a worker's last, incomplete batch is sent too, for its counts, and dropped by
+the main process). The main process adds them into ``loader.stats`` (reset each epoch, readable
+during it) and logs them at the end of the epoch, so counts are exact whatever ``num_workers``.
+
+Order: shards are shuffled per (seed, epoch) and dealt to ranks and workers; samples pass a
+shuffle buffer seeded per (seed, epoch, rank, worker); each sample's crop is seeded by (seed,
+epoch, shard, key). Epoch ``e`` is the same stream for a given ``num_workers``, so ``set_epoch``
+resumes. With ``resampled`` each worker draws shards with replacement, forever, and an epoch is
+``len(loader)`` batches: shards x ``wds_tar_size`` // batch_size (only an estimate otherwise,
+for progress bars, as tar files do not say how many samples they hold).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from itertools import islice
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.shardlists import expand_urls
+from webdataset.utils import pytorch_worker_info
+
+from dataloaders.caption_preprocess import DECODE_ERRORS, Preprocess, load_image, make_chunk, mix_seed, pick_caption
+from dataloaders.captions import CaptionLoader, Tokenizer, _check, _to_model_range, check_rgb_unlabelled
+
+log = logging.getLogger(__name__)
+
+
+def resolve_shards(urls: str) -> list[str]:
+    """A brace pattern (``/data/{00000..00099}.tar``), a glob, a folder of .tar files, or remote URLs
+    (``http://``, ``pipe:``) → the shard list. Local paths that do not exist are left out."""
+    path = Path(urls).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.tar"))
+    if any(c in urls for c in "*?["):
+        return sorted(wds.utils.glob_with_braces(str(path)))
+    expanded = expand_urls(urls)
+    local = [u for u in expanded if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).expanduser().is_file()]
+    if missing and len(missing) < len(expanded):
+        log.warning("%d of the %d shards of %s do not exist (first: %s); reading the others",
+                    len(missing), len(expanded), urls, missing[0])  # fmt: skip
+    return [u for u in expanded if u not in set(missing)]
+
+
+@dataclass(frozen=True)
+class LaionFilter:
+    """LAION metadata thresholds; a field a sample's json lacks (or holds as null) is not checked.
+
+    Sizes are the stored image's ``width``/``height`` (img2dataset), else ``original_width``/...
+    """
+
+    min_width: int = 0
+    min_height: int = 0
+    max_aspect_ratio: float = 2.0
+    max_pwatermark: float = 0.5
+    max_punsafe: float = 0.5
+    min_similarity: float = 0.28
+
+    def passes(self, meta: dict) -> bool:
+        width = _number(meta, "width", "original_width")
+        height = _number(meta, "height", "original_height")
+        if width is not None and width < self.min_width or height is not None and height < self.min_height:
+            return False
+        if width and height and max(width / height, height / width) > self.max_aspect_ratio:
+            return False
+        pwatermark, punsafe = _number(meta, "pwatermark"), _number(meta, "punsafe")
+        similarity = _number(meta, "similarity")
+        return not (
+            pwatermark is not None
+            and pwatermark > self.max_pwatermark
+            or punsafe is not None
+            and punsafe > self.max_punsafe
+            or similarity is not None
+            and similarity < self.min_similarity
+        )
+
+
+def _number(meta: dict, *keys: str) -> float | None:
+    for key in keys:
+        value = meta.get(key)
+        if isinstance(value, int | float) and not math.isnan(value):
+            return float(value)
+    return None
+
+
+@dataclass(frozen=True)
+class SampleReader:
+    """One raw shard sample (a dict of bytes) → a record, or the name of the reason it is skipped.
+
+    ``check`` is the cheap part (keys, metadata), run before the shuffle buffer so that dropped
+    samples never occupy it; ``decode`` decodes and preprocesses the image.
+    """
+
+    image_keys: tuple[str, ...]
+    caption_key: str
+    metadata_key: str
+    laion_filter: LaionFilter | None  # None: laion_no_filter
+    preprocess: Preprocess
+
+    def check(self, sample: dict) -> str | None:
+        if not any(k in sample for k in self.image_keys):
+            return "missing_image"
+        if self.caption_key not in sample:
+            return "missing_caption"
+        if self.laion_filter is None or self.metadata_key not in sample:
+            return None
+        try:
+            meta = json.loads(sample[self.metadata_key])
+        except ValueError:
+            return None  # unreadable metadata: nothing to filter on
+        return None if not isinstance(meta, dict) or self.laion_filter.passes(meta) else "filtered"
+
+    def decode(self, sample: dict, rng: random.Random | None) -> dict | str:
+        image_bytes = next(sample[k] for k in self.image_keys if k in sample)
+        try:
+            image = load_image(image_bytes)
+        except DECODE_ERRORS:
+            return "corrupt"
+        x, low_res, upscaled = self.preprocess(image, rng or random.Random(0))
+        caption = pick_caption(sample[self.caption_key].decode("utf-8", errors="replace"), rng)
+        counts = Counter(upscaled=int(upscaled), empty_caption=int(not caption))
+        return {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+
+    def __call__(self, sample: dict, rng: random.Random | None) -> dict | str:
+        return self.check(sample) or self.decode(sample, rng)
+
+
+# a worker stops after this many corrupt images in a row (a resampled stream would never end)
+MAX_CORRUPT_IN_A_ROW = 1000
+
+
+class ShardStream(IterableDataset):
+    """The worker side of one epoch: shards → samples → checks → shuffle buffer → records → chunks
+    with counts."""
+
+    def __init__(self, shards: list[str], reader: SampleReader, batch_size: int, epoch_seed: int, resampled: bool,
+                 shuffle_buffer: int, limit: int | None, exclude: frozenset[tuple[str, str]]):  # fmt: skip
+        self.shards = shards
+        self.reader = reader
+        self.batch_size = batch_size
+        self.epoch_seed = epoch_seed
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.limit = limit  # test_run: at most this many samples in all (one shard, so one worker reads)
+        self.exclude = exclude  # (shard, key) of the held-out samples
+
+    def _urls(self, rank: int, world: int, worker: int, workers: int, passed: Counter) -> Iterator[dict]:
+        if not self.resampled:
+            order = list(self.shards)
+            random.Random(self.epoch_seed).shuffle(order)
+            for url in order[rank * workers + worker :: world * workers]:
+                yield {"url": url}
+            return
+        rng = random.Random(mix_seed(self.epoch_seed, rank, worker, "shards"))
+        before, barren = -1, 0
+        while barren < 2 * len(self.shards) + 8:  # stop a worker whose shards hold nothing usable
+            barren = barren + 1 if passed["n"] == before else 0
+            before = passed["n"]
+            yield {"url": rng.choice(self.shards)}
+        log.warning("worker %d: %d shards in a row held no usable sample; stopping it", worker, barren)
+
+    def _checked(self, samples: Iterator[dict], counts: Counter, passed: Counter) -> Iterator[dict]:
+        for sample in samples:
+            if (sample["__url__"], sample["__key__"]) in self.exclude:
+                continue
+            counts["seen"] += 1
+            reason = self.reader.check(sample)
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            passed["n"] += 1
+            yield sample
+
+    def _decoded(self, samples: Iterator[dict], counts: Counter) -> Iterator[dict]:
+        corrupt_in_a_row = 0
+        for sample in samples:
+            record = self.reader.decode(sample, random.Random(mix_seed(self.epoch_seed, sample["__url__"],
+                                                                       sample["__key__"])))  # fmt: skip
+            if isinstance(record, str):
+                counts[record] += 1
+                corrupt_in_a_row += 1
+                if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
+                    log.warning("%d corrupt images in a row; stopping this worker", corrupt_in_a_row)
+                    return
+                continue
+            corrupt_in_a_row = 0
+            counts.update(record["counts"])
+            yield record
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        counts: Counter = Counter()  # what happened since the last chunk sent
+        passed: Counter = Counter()  # samples through the checks, for the barren-shard guard
+
+        def unreadable(exn: Exception) -> bool:
+            counts["unreadable"] += 1
+            log.warning("skipping unreadable shard data: %s", exn)
+            return True
+
+        urls = self._urls(rank, world, worker, workers, passed)
+        samples = self._checked(wds.tarfile_samples(urls, handler=unreadable), counts, passed)
+        shuffle_rng = random.Random(mix_seed(self.epoch_seed, rank, worker, "buffer"))
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(samples)
+        images: list[Tensor] = []
+        low_res: list[Tensor | None] = []
+        captions: list[str] = []
+        for record in islice(self._decoded(samples, counts), self.limit):
+            images.append(record["image"])
+            low_res.append(record["low_res"])
+            captions.append(record["caption"])
+            if len(images) == self.batch_size:
+                yield make_chunk(images, low_res, captions, counts, tuple(images[0].shape))
+                images, low_res, captions = [], [], []
+                counts.clear()
+        shape = (3, self.reader.preprocess.image_size, self.reader.preprocess.image_size)
+        yield make_chunk(images, low_res, captions, counts, shape)  # the tail: counts, maybe images
+
+
+class WebDatasetData:
+    """Captioned images in WebDataset shards, e.g. LAION via img2dataset.
+
+    ``urls``: a brace pattern (``/data/laion/{00000..00099}.tar``), a glob, or a folder of .tar
+    files. LAION metadata filters apply unless ``laion_no_filter`` (they slow nothing much, but a
+    custom data set has no such metadata). ``eval_set``/``eval_captions`` (and ``eval_low_res``
+    for an upsampler) are the first ``num_eval`` usable samples of the first shard, centre-cropped;
+    they are left out of training. ``test_run=N``: train on the first N samples of the first shard.
+    """
+
+    def __init__(
+        self,
+        urls: str,
+        tokenizer: Tokenizer,
+        image_size: int = 64,
+        low_res_size: int | None = None,
+        channels: int = 3,
+        num_classes: int = 0,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        image_key: str = "jpg",
+        caption_key: str = "txt",
+        metadata_key: str = "json",
+        laion_no_filter: bool = False,
+        min_width: int = 0,
+        min_height: int = 0,
+        max_aspect_ratio: float = 2.0,
+        max_pwatermark: float = 0.5,
+        max_punsafe: float = 0.5,
+        min_similarity: float = 0.28,
+        resampled: bool = False,
+        wds_tar_size: int = 10000,
+        shuffle_buffer: int = 1000,
+        num_eval: int = 8,
+        uncond_p: float = 0.0,
+        min_crop_scale: float = 0.9,
+        crop_jitter: float = 0.1,
+        trim_threshold: int = 245,
+        test_run: int | None = None,
+        seed: int = 0,
+    ):
+        check_rgb_unlabelled(channels, num_classes)
+        self.shards = resolve_shards(urls)
+        _check(
+            bool(self.shards),
+            f"dataloaders.urls={urls!r} matches no .tar shard; point it to existing shards "
+            "(a brace pattern like /data/laion/{00000..00099}.tar, a glob, or a folder of .tar files)",
+        )
+        laion_filter = None if laion_no_filter else LaionFilter(
+            min_width, min_height, max_aspect_ratio, max_pwatermark, max_punsafe, min_similarity
+        )  # fmt: skip
+        preprocess = Preprocess(image_size, low_res_size, min_crop_scale, crop_jitter, trim_threshold)
+        self.reader = SampleReader(tuple(image_key.split(";")), caption_key, metadata_key, laion_filter, preprocess)
+        self._take_eval(num_eval)
+        self.shape: tuple[int, ...] = (3, image_size, image_size)
+        self.num_classes = 0
+        self.tokenizer = tokenizer
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.resampled, self.shuffle_buffer, self.test_run = resampled, shuffle_buffer, test_run
+        self.uncond_p = uncond_p
+        self.seed = seed
+        self.urls = urls
+        samples = test_run if test_run is not None else len(self.shards) * wds_tar_size
+        self.length = samples // batch_size
+        _check(self.length > 0, f"{samples} samples make no batch of batch_size={batch_size}; lower batch_size")
+
+    def _take_eval(self, num_eval: int) -> None:
+        """The first ``num_eval`` usable samples of the first shard, centre-cropped, in order."""
+        centred = replace(self.reader, preprocess=self.reader.preprocess.centred())
+        records, keys = [], []
+        if num_eval > 0:
+            for sample in wds.tarfile_samples([{"url": self.shards[0]}], handler=wds.warn_and_continue):
+                record = centred(sample, rng=None)
+                if isinstance(record, dict):
+                    records.append(record)
+                    keys.append((sample["__url__"], sample["__key__"]))
+                if len(records) == num_eval:
+                    break
+        if len(records) < num_eval:
+            log.warning("%s holds only %d usable samples for eval_set (num_eval=%d)", self.shards[0], len(records),
+                        num_eval)  # fmt: skip
+        size = self.reader.preprocess.image_size
+        images = torch.stack([r["image"] for r in records]) if records else torch.empty((0, 3, size, size))
+        self.eval_set = _to_model_range(images)  # (n, 3, S, S) in [-1, 1]
+        self.eval_captions: list[str] = [r["caption"] for r in records]
+        self.eval_low_res = (
+            _to_model_range(torch.stack([r["low_res"] for r in records]))
+            if records and records[0]["low_res"] is not None
+            else None
+        )
+        self.eval_keys = frozenset(keys)
+
+    def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
+        run_seed = mix_seed(self.seed, seed)
+        shards = self.shards[:1] if self.test_run is not None else self.shards
+
+        def chunks(epoch: int) -> DataLoader:
+            stream = ShardStream(shards, self.reader, self.batch_size, mix_seed(run_seed, epoch), self.resampled,
+                                 self.shuffle_buffer, self.test_run, self.eval_keys)  # fmt: skip
+            return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                              pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+
+        return CaptionLoader(chunks, self.length, self.batch_size, self.tokenizer, device, run_seed, self.uncond_p,
+                             name=f"webdataset {self.urls}", stop_at_length=self.resampled)  # fmt: skip
