@@ -1,0 +1,302 @@
+"""Samplers for eps-predicting discrete diffusion models (GLIDE), with classifier-free guidance.
+
+Every sampler is ``sample_xxx(denoiser, x_T, schedule, generator=None, callback=None, **options)``:
+``denoiser(x, t) -> (eps, var_values)`` takes a DDPM-space state and the ORIGINAL timestep (a
+0-dim float tensor; fractional between kept steps), ``x_T`` is standard normal noise, ``schedule``
+is a respaced ``DiffusionSchedule`` and ``callback(t, x)`` sees the DDPM-space state after each
+step. Guidance and conditioning live in the denoiser (``guided_denoiser``), so samplers never see
+a model.
+
+What runs the update, and why:
+- ``ddpm`` and ``ddim`` use diffusers' ``DDPMScheduler`` (``variance_type="learned_range"``) and
+  ``DDIMScheduler`` (``use_clipped_model_output=True``): both fit GLIDE exactly — eps prediction,
+  x_start clipped to [-1, 1], the learned-range variance, DDIM's eps re-derived from the clipped
+  x_start. Respacing is given to them as ``trained_betas`` = the respaced betas over
+  ``num_train_timesteps = len(schedule)`` with one inference step per kept step, so their
+  timesteps are respaced indices and ``schedule.timestep_map`` turns them into the model's.
+  tests/test_diffusion.py checks them against a direct GLIDE ``p_sample`` / ``ddim_sample``.
+- ``euler``, ``euler_a`` and ``dpmpp_2m`` are written directly in sigma space (k-diffusion):
+  ``x_sigma = x * sqrt(1 + sigma^2)``, ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``. diffusers'
+  versions tie the model's timestep to the scheduler's own (rounded, for DPM++ with Karras
+  sigmas) timesteps of the respaced process, whereas a Karras grid needs the original timestep of
+  each sigma (``schedule.sigma_to_timestep``); each is a few lines, and the tests check them
+  against ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
+  ``DPMSolverMultistepScheduler`` driven on the same grid. No x_start clipping here (GLIDE clips
+  only in its own DDPM/DDIM samplers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from torch import Tensor, nn
+
+from solvers.base import Callback
+from solvers.diffusion_schedule import DiffusionSchedule, betas_for
+
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, t_orig) -> (eps, var_values)
+
+
+def guided_denoiser(model: nn.Module, cond: dict[str, Tensor] | None, guidance_scale: float = 1.0) -> Denoiser:
+    """Wrap ``model(x, t, None, cond) -> (B, 2C, H, W)`` as a denoiser with classifier-free guidance.
+
+    With a scale other than 1, the conditional and unconditional (text mask all False) halves run
+    as one batch of 2B, as GLIDE does: ``eps = eps_u + s (eps_c - eps_u)``; the variance values
+    come from the conditional half. Scale 1 is one plain conditional call, so it equals the
+    conditional model exactly.
+    """
+
+    def batch_t(x: Tensor, t: Tensor) -> Tensor:
+        return torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))  # (B,)
+
+    def conditional(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        out = model(x, batch_t(x, t), None, cond).to(x.dtype)  # (B, 2C, H, W)
+        return out[:, : x.shape[1]], out[:, x.shape[1] :]
+
+    if cond is None or guidance_scale == 1.0:
+        return conditional
+    if "mask" not in cond:
+        raise ValueError("classifier-free guidance needs cond['mask'] (all False = unconditional)")
+    # the unconditional half: GLIDE's empty caption, i.e. the same tokens fully masked
+    both = {k: torch.cat([v, torch.zeros_like(v) if k == "mask" else v]) for k, v in cond.items()}
+
+    def guided(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = batch_t(x, t)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), None, both).to(x.dtype)  # (2B, 2C, H, W)
+        cond_out, uncond_out = out.chunk(2)
+        eps_c, eps_u = cond_out[:, : x.shape[1]], uncond_out[:, : x.shape[1]]
+        return eps_u + guidance_scale * (eps_c - eps_u), cond_out[:, x.shape[1] :]
+
+    return guided
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Noise drawn on the generator's device (a CPU generator can seed a CUDA run)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _run_scheduler(
+    scheduler: DDPMScheduler | DDIMScheduler,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    callback: Callback | None,
+    learned_variance: bool,
+    **step_kwargs,
+) -> Tensor:
+    """The loop shared by the diffusers-backed samplers; scheduler indices are respaced indices."""
+    scheduler.set_timesteps(len(schedule))
+    x = x_T
+    for index in scheduler.timesteps:
+        t = schedule.timestep_map[int(index)].float()
+        eps, var_values = denoiser(x, t)
+        output = torch.cat([eps, var_values], dim=1) if learned_variance else eps
+        x = scheduler.step(output, index, x, return_dict=False, **step_kwargs)[0]
+        if callback is not None:
+            callback(t, x)
+    return x
+
+
+def sample_ddpm(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral sampling with the learned reverse variance (Ho et al. 2020; Nichol & Dhariwal 2021):
+    GLIDE's ``p_sample_loop`` via diffusers' ``DDPMScheduler(variance_type="learned_range")``."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=len(schedule),
+        trained_betas=schedule.betas.tolist(),
+        variance_type="learned_range",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        prediction_type="epsilon",
+    )
+    return _run_scheduler(scheduler, denoiser, x_T, schedule, callback, True, generator=generator)
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM (Song et al. 2021), eta = 0 deterministic, as GLIDE's ``ddim_sample_loop``: x_start
+    clipped to [-1, 1] and eps re-derived from it, via diffusers' ``DDIMScheduler``."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=len(schedule),
+        trained_betas=schedule.betas.tolist(),
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="epsilon",
+    )
+    return _run_scheduler(
+        scheduler, denoiser, x_T, schedule, callback, False, eta=eta, use_clipped_model_output=True, generator=generator
+    )
+
+
+def sigma_grid(schedule: DiffusionSchedule, karras: bool = False, rho: float = 7.0) -> Tensor:
+    """Descending noise levels for the sigma-space samplers, ending in 0 (float64).
+
+    The kept steps' own sigmas, or with ``karras`` as many levels spaced as Karras et al. (2022,
+    eq. 5) between the kept steps' smallest and largest sigma.
+    """
+    sigmas = schedule.sigmas
+    if karras:
+        ramp = torch.linspace(0, 1, len(sigmas), dtype=torch.float64)
+        max_inv, min_inv = sigmas[-1] ** (1 / rho), sigmas[0] ** (1 / rho)
+        descending = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    else:
+        descending = sigmas.flip(0)
+    return torch.cat([descending, descending.new_zeros(1)])
+
+
+def _denoised(denoiser: Denoiser, x: Tensor, sigma: float, schedule: DiffusionSchedule) -> tuple[Tensor, Tensor]:
+    """The x_start prediction for a sigma-space state, and the original timestep used for it."""
+    t = schedule.sigma_to_timestep(torch.tensor(sigma)).float()
+    eps, _ = denoiser(x / math.sqrt(1 + sigma**2), t)
+    return x - sigma * eps, t
+
+
+def _to_ddpm(x: Tensor, sigma: float) -> Tensor:
+    return x / math.sqrt(1 + sigma**2)
+
+
+def sample_euler(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    karras: bool = False,
+) -> Tensor:
+    """Euler on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 1 without churn)."""
+    sigmas = sigma_grid(schedule, karras).tolist()
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        denoised, t = _denoised(denoiser, x, sigma, schedule)
+        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        if callback is not None:
+            callback(t, _to_ddpm(x, sigma_next))
+    return x
+
+
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    karras: bool = False,
+) -> Tensor:
+    """Ancestral Euler in sigma space (k-diffusion's ``sample_euler_ancestral``, eta = 1): a
+    deterministic step down to sigma_down, then fresh noise of sigma_up."""
+    sigmas = sigma_grid(schedule, karras).tolist()
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        denoised, t = _denoised(denoiser, x, sigma, schedule)
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = sigma_next**2 / sigma  # = sqrt(sigma_next^2 - sigma_up^2), without cancellation
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _randn_like(x, generator)
+        if callback is not None:
+            callback(t, _to_ddpm(x, sigma_next))
+    return x
+
+
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    karras: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in sigma space with lambda = -log(sigma), as
+    k-diffusion's ``sample_dpmpp_2m``: first order on the first step and the step to sigma = 0."""
+    sigmas = sigma_grid(schedule, karras).tolist()
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
+    old_denoised: Tensor | None = None
+    h_last = 0.0
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        denoised, t = _denoised(denoiser, x, sigma, schedule)
+        if sigma_next == 0:
+            x = denoised  # the exact limit of the update as h -> inf
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            target = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                target = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * target
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(t, _to_ddpm(x, sigma_next))
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+}
+SIGMA_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
+
+
+class DiffusionSampler:
+    """A sampler bound to its respaced schedule, for Hydra (``_target_: solvers.diffusion.DiffusionSampler``).
+
+    ``karras`` applies to the sigma-space samplers, ``eta`` to DDIM; settings that would be
+    silently ignored are errors instead.
+    """
+
+    def __init__(
+        self,
+        name: str = "ddim",
+        respacing: str = "100",
+        noise_schedule: str = "squaredcos_cap_v2",
+        steps: int = 1000,
+        karras: bool = False,
+        eta: float = 0.0,
+    ):
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+        if karras and name not in SIGMA_SAMPLERS:
+            raise ValueError(f"karras=True applies only to {', '.join(SIGMA_SAMPLERS)}, not {name!r}")
+        if eta != 0.0 and name != "ddim":
+            raise ValueError(f"eta applies only to ddim, not {name!r}")
+        self.name = name
+        self.schedule = DiffusionSchedule(betas_for(noise_schedule, steps)).respace(respacing)
+        options: dict[str, float | bool] = {"eta": eta} if name == "ddim" else {}
+        if name in SIGMA_SAMPLERS:
+            options["karras"] = karras
+        self.sample = functools.partial(SAMPLERS[name], **options)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: nn.Module,
+        noise: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples in [-1, 1] from standard normal ``noise`` (B, C, H, W)."""
+        denoiser = guided_denoiser(model, cond, guidance_scale)
+        return self.sample(denoiser, noise, self.schedule, generator=generator).clamp(-1, 1)
