@@ -198,6 +198,7 @@ class Trainer:
             batches = itertools.islice(iter(loader), self.batch_in_epoch, steps_per_epoch * self.grad_accum)
             t0, steps_before = time.perf_counter(), self.step
             group: list[LossOutput] = []
+            stopped = False  # by max_steps, not by the end of the epoch's batches
             for batch in batches:
                 self.batch_in_epoch += 1
                 out = self._micro_step(batch)
@@ -239,11 +240,16 @@ class Trainer:
                     on_step_end(self.step)
                     window_start, window_steps = time.perf_counter(), 0  # hook time is not training time
                 if self.step >= total:
+                    stopped = True
                     break
             self._flush(pending)
             self.train_seconds += time.perf_counter() - t0
             self.train_steps += self.step - steps_before
-            if self.batch_in_epoch >= steps_per_epoch * self.grad_accum:
+            # a streamed data set whose len() is an estimate (WebDataset) may end an epoch early
+            if not stopped or self.batch_in_epoch >= steps_per_epoch * self.grad_accum:
+                if self.batch_in_epoch < steps_per_epoch * self.grad_accum:
+                    log.info("epoch %d ended after %d of ~%d batches", self.epoch + 1, self.batch_in_epoch,
+                             steps_per_epoch * self.grad_accum)  # fmt: skip
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 on_epoch_end(self.epoch)
