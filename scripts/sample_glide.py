@@ -1,0 +1,133 @@
+"""Text to image with GLIDE: the 64x64 base model, then optionally the 64->256 upsampler.
+
+    python scripts/sample_glide.py --prompts prompts.txt --base base.pt --vocab-dir /models/glide
+    python scripts/sample_glide.py --prompts prompts.txt --base outputs/ckpts/glide_base/ft/last.pt \\
+        --upsample upsample.pt --guidance-scale 3 --base-sampler dpmpp_2m --base-respacing 50 --device cuda
+
+``--base``/``--upsample`` take OpenAI's released ``base.pt``/``upsample.pt`` or a DenoisingZoo
+checkpoint of a fine-tuning run (its EMA weights). Each prompt of the file (one per line) gets
+``--samples`` images; the grid (one row per prompt) goes to ``--out``, the single images beside it.
+The upsampler sees the base samples quantised to 8 bits, as GLIDE feeds it, and samples with its
+noise scaled by ``--upsample-temp`` (GLIDE's 0.997).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch import Tensor
+from torchvision.utils import save_image
+
+from evaluation.clip_score import read_prompts
+from evaluation.errors import EvaluationError
+from models.glide import GlideUNet
+from models.glide_tokenizer import GlideTokenizer
+from solvers.diffusion import DiffusionSampler
+from training.checkpoint import FORMAT
+from training.compose import compose_config
+from training.errors import UserError
+from training.inference import load_model
+
+log = logging.getLogger("sample_glide")
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a")
+
+
+def load_glide(path: Path, which: str, device: torch.device) -> GlideUNet:
+    """OpenAI's released weights (a bare state dict) or a DenoisingZoo checkpoint."""
+    if not path.is_file():
+        raise UserError(f"--{which}: no file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        model, _ = load_model(path, use_ema=True, device=device, what=f"--{which} checkpoint")
+    else:
+        cfg = compose_config([f"model=glide_{which}", f"model.checkpoint={path}"])
+        try:
+            model = instantiate(cfg.model)
+        except InstantiationException as e:  # the model's one-line ValueError, wrapped by Hydra
+            raise UserError(str(e.__cause__ or e).splitlines()[0]) from None
+    if not isinstance(model, GlideUNet) or model.super_res != (which == "upsample"):
+        found = (
+            type(model).__name__
+            if not isinstance(model, GlideUNet)
+            else ("an upsampler" if model.super_res else "a base model")
+        )
+        raise UserError(f"--{which} {path} holds {found}; pass the GLIDE {which} model there")
+    return model.to(device).eval()
+
+
+def quantise(images: Tensor) -> Tensor:
+    """[-1, 1] -> 8-bit levels -> [-1, 1]: what the upsampler saw in training (decoded images)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=Path, required=True, help="one prompt per line")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--upsample", type=Path, help="also upsample to 256x256")
+    parser.add_argument(
+        "--vocab-dir", help="folder with GLIDE's encoder.json/vocab.bpe or GPT-2's vocab.json/merges.txt"
+    )
+    parser.add_argument("--samples", type=int, default=4, help="images per prompt")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--base-sampler", default="ddpm", choices=SAMPLERS)
+    parser.add_argument("--base-respacing", default="100")
+    parser.add_argument("--upsample-sampler", default="ddpm", choices=SAMPLERS)
+    parser.add_argument("--upsample-respacing", default="fast27")
+    parser.add_argument("--upsample-temp", type=float, default=0.997)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("glide_samples.png"))
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def run(args: argparse.Namespace) -> Tensor:
+    device = torch.device(args.device)
+    prompts = [p for p in read_prompts(args.prompts) for _ in range(args.samples)]
+    base = load_glide(args.base, "base", device)
+    tokens, mask = GlideTokenizer(args.vocab_dir, text_ctx=base.text_ctx)(prompts)
+    cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
+    g = torch.Generator().manual_seed(args.seed)
+    size = base.image_size
+    noise = torch.randn(len(prompts), 3, size, size, generator=g).to(device)
+    sampler = DiffusionSampler(args.base_sampler, args.base_respacing, noise_schedule="squaredcos_cap_v2")
+    images = sampler(base, noise, cond, args.guidance_scale, torch.Generator(device).manual_seed(args.seed))
+    del base
+    if args.upsample is not None:
+        upsampler = load_glide(args.upsample, "upsample", device)
+        big = upsampler.image_size
+        noise = torch.randn(len(prompts), 3, big, big, generator=g).to(device) * args.upsample_temp
+        sampler = DiffusionSampler(args.upsample_sampler, args.upsample_respacing, noise_schedule="linear")
+        up_cond = {**cond, "low_res": quantise(images)}
+        images = sampler(upsampler, noise, up_cond, 1.0, torch.Generator(device).manual_seed(args.seed + 1))
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse(argv)
+    try:
+        images = run(args)
+    except (UserError, EvaluationError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, args.out, nrow=args.samples)
+    folder = args.out.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        save_image(image, folder / f"{i:06d}.png")
+    print(f"wrote {args.out} and {len(images)} images in {folder}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
