@@ -15,6 +15,7 @@ from PIL import Image
 from scripts import sample_glide
 from tests.conftest import GLIDE_DATA
 from tests.test_caption_data import photos, shards  # noqa: F401  (fixtures)
+from tests.test_clip_score import one_thread, tiny  # noqa: F401  (fixtures)
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
 from training.train import train
@@ -140,3 +141,31 @@ def test_webdataset_shards_through_the_launcher_config(make_cfg, shards: Path, t
     trainer = objects["trainer"]
     assert trainer.epoch == 2 and 0 < trainer.step < 2 * 100  # far fewer batches than the estimate
     assert np.isfinite(metrics["train/final_loss"])
+
+
+def test_a_run_resumes_from_its_step_checkpoint(make_cfg, captioned: Path) -> None:
+    _, first = train(glide_cfg(make_cfg, captioned, "max_steps=7", "checkpoint.every_steps=3", "epochs=3"))
+    state = load_checkpoint(first["checkpoint"], "test")
+    assert state["step"] == 7 and state["batch_in_epoch"] == 2  # 5 steps an epoch: stopped inside epoch 2
+    _, resumed = train(glide_cfg(make_cfg, captioned, "resume=true", "epochs=3"))
+    assert resumed["trainer"].step == 15 and resumed["trainer"].epoch == 3
+
+
+def test_prompt_grid_logs_the_clip_score_of_its_samples(tiny, tmp_path: Path) -> None:  # noqa: F811
+    """eval.clip scores each grid's samples against their prompts (a tiny CLIP trained on colours)."""
+    from evaluation.prompt_eval import PromptGridEval
+    from models.glide_tokenizer import GlideTokenizer
+
+    colours = {"red": (0.9, -0.8, -0.8), "blue": (-0.8, -0.6, 0.8)}
+
+    def painter(model, noise, cond, guidance_scale, generator):  # stands in for a sampler: paints the prompt
+        rows = [colours["red" if i % 2 == 0 else "blue"] for i in range(len(noise))]
+        return torch.tensor(rows)[:, :, None, None].expand(-1, -1, 32, 32)
+
+    evaluator = PromptGridEval(GlideTokenizer(str(GLIDE_DATA), text_ctx=16), prompts=["a red image", "a blue image"],
+                               image_size=32, grid_dir=str(tmp_path / "grids"), clip=tiny)  # fmt: skip
+    metrics = evaluator(torch.nn.Identity(), painter, torch.zeros(0), torch.device("cpu"), step=10)
+    assert (tmp_path / "grids" / "grid_step0000010.png").is_file()
+    evaluator.prompts = ["a blue image", "a red image"]  # the same pictures under the other captions
+    swapped = evaluator(torch.nn.Identity(), painter, torch.zeros(0), torch.device("cpu"), step=11)
+    assert metrics["eval/clip_score"] > swapped["eval/clip_score"] + 10
