@@ -2,6 +2,10 @@
 
 The trainer's only contract with data: an iterable of batch dicts (``{"x1": data, ...}``)
 with ``len()`` and ``set_epoch(epoch)``, plus a held-out ``eval_set`` for evaluation.
+
+Multi-process runs (torch.distributed initialised, as under torchrun): ``batch_size`` is the
+global batch, and each rank's loader yields its own slice of every global batch (disjoint, their
+union the global batch), so N processes see the batches one process sees.
 """
 
 from __future__ import annotations
@@ -9,9 +13,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 Sampler = Callable[..., Tensor]  # sampler(n, generator=...) -> (n, *shape)
+
+
+def process_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in torch.distributed's group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_slice(global_batch: int) -> slice:
+    """The rows of a global batch that this process trains on."""
+    rank, world = process_shard()
+    if global_batch % world:
+        raise ValueError(f"dataloaders.batch_size={global_batch} does not split over {world} processes")
+    share = global_batch // world
+    return slice(rank * share, (rank + 1) * share)
 
 
 class TensorLoader:
@@ -20,6 +41,7 @@ class TensorLoader:
     A torch DataLoader over a TensorDataset fetches and collates row by row, which costs
     more than a whole training step of a small MLP; this loader does not.
     The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
+    ``batch_size`` is the global batch: under torch.distributed each rank yields its slice of it.
     """
 
     def __init__(self, data: Tensor | dict[str, Tensor], batch_size: int, seed: int, drop_last: bool = True):
@@ -35,6 +57,7 @@ class TensorLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.shard = rank_slice(batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -47,7 +70,7 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).to(self.tensors["x1"].device)
         for i in range(len(self)):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = perm[i * self.batch_size : (i + 1) * self.batch_size][self.shard]
             yield {key: value.index_select(0, idx) for key, value in self.tensors.items()}
 
 

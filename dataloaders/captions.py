@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from dataloaders.base import process_shard, rank_slice
 from dataloaders.caption_preprocess import (
     DECODE_ERRORS,
     Preprocess,
@@ -41,6 +42,11 @@ CAPTIONED_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 # stats keys that mean a sample was dropped (the others are information: seen, upscaled, ...)
 SKIP_REASONS = ("corrupt", "missing_image", "missing_caption", "filtered", "unreadable")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps the run's seed (a 1-process run's choices); other ranks draw their own."""
+    return seed if rank == 0 else mix_seed(seed, rank)
 
 
 class Tokenizer(Protocol):
@@ -277,16 +283,20 @@ class CaptionFolderData:
         self.eval_low_res = _to_model_range(torch.stack(lows)) if images and lows[0] is not None else None  # type: ignore[arg-type]
 
     def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
+        """``batch_size`` is the global batch: under torch.distributed each rank loads its slice."""
         run_seed = mix_seed(self.seed, seed)
+        shard, (rank, _) = rank_slice(self.batch_size), process_shard()
+        length, b = len(self.train_pairs) // self.batch_size, self.batch_size
 
         def chunks(epoch: int) -> DataLoader:
             epoch_seed = mix_seed(run_seed, epoch)
+            perm = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
             return DataLoader(
                 CaptionPairs(self.train_pairs, self.preprocess, rng_seed=epoch_seed),
-                batch_size=self.batch_size, shuffle=True, drop_last=True,
-                generator=torch.Generator().manual_seed(epoch_seed), num_workers=self.num_workers,
+                batch_sampler=[perm[i * b : (i + 1) * b][shard] for i in range(length)],
+                generator=torch.Generator().manual_seed(mix_seed(epoch_seed, rank)), num_workers=self.num_workers,
                 collate_fn=collate_records, pin_memory=device.type == "cuda", persistent_workers=False,
             )  # fmt: skip
 
-        return CaptionLoader(chunks, len(self.train_pairs) // self.batch_size, self.batch_size, self.tokenizer,
-                             device, run_seed, self.uncond_p, name=f"captions {self.root}")  # fmt: skip
+        return CaptionLoader(chunks, length, shard.stop - shard.start, self.tokenizer, device,
+                             rank_seed(run_seed, rank), self.uncond_p, name=f"captions {self.root}")  # fmt: skip

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from dataloaders.base import TensorLoader
+from dataloaders.base import TensorLoader, rank_slice
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class EpochLoader:
     """A DataLoader whose shuffling order is a function of (seed, epoch), moving batches to a device.
 
     Like ``TensorLoader`` it yields dict batches and resumes exactly: epoch e always visits the
-    same order, so a resumed run can skip the batches it already saw.
+    same order, so a resumed run can skip the batches it already saw. ``batch_size`` is the global
+    batch: under torch.distributed each rank loads only its slice of every global batch.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int,
@@ -93,6 +94,7 @@ class EpochLoader:
         self.num_workers = num_workers
         self.class_conditional = class_conditional
         self.epoch = 0
+        self.shard = rank_slice(batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,10 +104,13 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()  # type: ignore[arg-type]
+        b = self.batch_size
+        batches = [perm[i * b : (i + 1) * b][self.shard] for i in range(len(self))]
         loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=_seed_worker,
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7919 * self.shard.start),
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=_seed_worker,
         )  # fmt: skip
         for images, labels in loader:
             batch = {"x1": images.to(self.device, non_blocking=True)}

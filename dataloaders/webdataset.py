@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
+from dataloaders.base import process_shard, rank_slice
 from dataloaders.caption_preprocess import DECODE_ERRORS, Preprocess, load_image, make_chunk, mix_seed, pick_caption
-from dataloaders.captions import CaptionLoader, Tokenizer, _check, _to_model_range, check_rgb_unlabelled
+from dataloaders.captions import CaptionLoader, Tokenizer, _check, _to_model_range, check_rgb_unlabelled, rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +329,24 @@ class WebDatasetData:
         self.eval_keys = frozenset(keys)
 
     def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
+        """``batch_size`` is the global batch: each of N ranks reads its own shards (dealt by
+        ``pytorch_worker_info``) in batches of ``batch_size / N``. Ranks must make the same number of
+        batches, which only resampled streams (cut at ``len``) guarantee."""
         run_seed = mix_seed(self.seed, seed)
         shards = self.shards[:1] if self.test_run is not None else self.shards
+        shard, (rank, world) = rank_slice(self.batch_size), process_shard()
+        _check(
+            world == 1 or self.resampled,
+            f"webdataset in {world} processes needs dataloaders.resampled=true: shards dealt to ranks end at "
+            "different times, and a rank that runs out would hang the others",
+        )
+        per_rank = shard.stop - shard.start
 
         def chunks(epoch: int) -> DataLoader:
-            stream = ShardStream(shards, self.reader, self.batch_size, mix_seed(run_seed, epoch), self.resampled,
+            stream = ShardStream(shards, self.reader, per_rank, mix_seed(run_seed, epoch), self.resampled,
                                  self.shuffle_buffer, self.test_run, self.eval_keys)  # fmt: skip
             return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                               pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
 
-        return CaptionLoader(chunks, self.length, self.batch_size, self.tokenizer, device, run_seed, self.uncond_p,
-                             name=f"webdataset {self.urls}", stop_at_length=self.resampled)  # fmt: skip
+        return CaptionLoader(chunks, self.length, per_rank, self.tokenizer, device, rank_seed(run_seed, rank),
+                             self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled)  # fmt: skip

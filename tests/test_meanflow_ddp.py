@@ -34,6 +34,7 @@ def _worker(rank: int, init_file: str, queue, kwargs: dict) -> None:
     model = MLP(2, 32, 2)
     half = _data()[rank * 32 : (rank + 1) * 32]
     queue.put((rank, _grads(model, DistributedDataParallel(model), half, 100 + rank, kwargs)))
+    dist.barrier()  # neither rank closes its gloo connections while the other still uses them
     dist.destroy_process_group()
 
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from evaluation.errors import EvaluationError
+from training import distributed
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
@@ -101,6 +102,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _finish(
+    ctx: distributed.Dist,
     cfg: DictConfig,
     run_name: str,
     status: str,
@@ -109,6 +111,8 @@ def _finish(
     started: datetime,
     t0: float,
 ) -> None:
+    if not ctx.is_main:  # one entry per run, however many processes
+        return
     append_entry(
         Path(cfg.paths.experiment_log),
         run_name=run_name,
@@ -131,12 +135,25 @@ def _check_resume(state: dict[str, Any], resolved: dict[str, Any], path: Path) -
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Train one run; returns its final metrics and the objects built (for tests and scripts)."""
+    """Train one run; returns its final metrics and the objects built (for tests and scripts).
+
+    Under torchrun every process calls this: it joins the process group, trains its shard of each
+    global batch, and leaves the group at the end. Rank 0 alone logs to trackio, evaluates, writes
+    checkpoints, metrics.json and the EXPERIMENT_LOG entry; every rank returns rank 0's metrics.
+    """
     if cfg.get("eval_checkpoint"):
         return evaluate(cfg)
     run_name = require_run_name(cfg)
+    ctx = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _train(cfg, run_name, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[str, float], dict[str, Any]]:
     started, t0 = datetime.now(), time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = ctx.device
     precision: Precision = build(cfg, "precision")
     precision.check(device)
     precision.apply()
@@ -176,7 +193,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise UserError(str(e)) from e
     solver = build(cfg, "solver")
     evaluator = build(cfg, "eval")
-    run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
+    if ctx.is_main:  # rank 0 evaluates
+        run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
+    distributed.per_rank_batch(data.batch_size, ctx.world_size)
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
     try:
@@ -185,10 +204,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     except ValueError as e:
         raise UserError(str(e)) from e
     lr_schedule = build(cfg, "lr_schedule")(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
-    if last_path.exists() and not cfg.resume:
+    if last_path.exists() and not cfg.resume and ctx.is_main:
         shutil.rmtree(ckpt_dir)  # overwrite=true, and everything above was built: start the run over
+    distributed.barrier()
     tracker: Tracker = make_tracker(
-        cfg.trackio.enabled,
+        cfg.trackio.enabled and ctx.is_main,
         cfg.trackio.project,
         run_name,
         resolved,
@@ -209,11 +229,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
         log.info("resumed %s at step %d (epoch %d)", last_path, trainer.step, trainer.epoch)
+    distributed.seed_rank(cfg.seed, ctx.rank, trainer.step)  # ranks > 0 draw their own noise and times
 
     run_dir = Path(cfg.paths.run_dir)
     reference = data.eval_set
     autocast = partial(precision.autocast_context, device)
-    eval_model = trainer.ema.module if cfg.eval_use_ema else model
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "model: %s, %.3fM parameters; %d steps/epoch on %s, precision %s",
@@ -225,28 +245,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
 
     def checkpoint(path: Path, metrics: dict[str, float]) -> None:
-        save_checkpoint(
-            {"format": FORMAT, **trainer.state_dict(), "rng": rng_state(), "config": resolved, "metrics": metrics}, path
-        )
+        state = trainer.state_dict()  # under FSDP every rank takes part in gathering it
+        if ctx.is_main:
+            save_checkpoint({"format": FORMAT, **state, "rng": rng_state(), "config": resolved, "metrics": metrics},
+                            path)  # fmt: skip
+        distributed.barrier()
 
     latest: dict[str, float] = {}
     captions = getattr(data, "eval_captions", None)  # captioned data: held-out captions for text models
 
     def periodic_eval() -> None:
-        latest.update(
-            run_eval(
-                evaluator,
-                eval_model,
-                solver,
-                reference,
-                device,
-                autocast,
-                num_classes=data.num_classes,
-                step=trainer.step,
-                captions=captions,
+        eval_model = trainer.eval_module(cfg.eval_use_ema)  # rank 0's; None on the others
+        if eval_model is not None:
+            latest.update(
+                run_eval(
+                    evaluator,
+                    eval_model,
+                    solver,
+                    reference,
+                    device,
+                    autocast,
+                    num_classes=data.num_classes,
+                    step=trainer.step,
+                    captions=captions,
+                )
             )
-        )
-        tracker.log(latest, step=trainer.step)
+            tracker.log(latest, step=trainer.step)
+        distributed.barrier()
 
     def on_step_end(step: int) -> None:
         if evaluator.every_steps and step % evaluator.every_steps == 0:
@@ -267,20 +292,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         hook_steps = [n for n in (evaluator.every_steps, cfg.checkpoint.every_steps) if n]
         trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end, on_step_end, math.gcd(*hook_steps))
-        metrics = run_eval(
-            evaluator,
-            eval_model,
-            solver,
-            reference,
-            device,
-            autocast,
-            out_dir=run_dir,
-            num_classes=data.num_classes,
-            decode=getattr(data, "decode", None),  # latent data sets decode for the grids and FID
-            step=trainer.step,
-            captions=captions,
-            source=f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}",
-        )
+        eval_model = trainer.eval_module(cfg.eval_use_ema)
+        metrics: dict[str, float] = {}
+        if eval_model is not None:
+            metrics = run_eval(
+                evaluator,
+                eval_model,
+                solver,
+                reference,
+                device,
+                autocast,
+                out_dir=run_dir,
+                num_classes=data.num_classes,
+                decode=getattr(data, "decode", None),  # latent data sets decode for the grids and FID
+                step=trainer.step,
+                captions=captions,
+                source=f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}",
+            )
+        metrics = distributed.broadcast_object(metrics)  # the others wait here for rank 0's evaluation
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
         metrics["train/steps"] = float(trainer.step)
         metrics["train/ms_per_step"] = 1000 * trainer.train_seconds / max(1, trainer.train_steps)
@@ -293,11 +322,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.step)
     except NonFiniteLossError as e:
         kept = last_path if last_path.exists() else None
-        _finish(cfg, run_name, f"failed: {e}", latest, kept, started, t0)
+        _finish(ctx, cfg, run_name, f"failed: {e}", latest, kept, started, t0)
         tracker.finish()
         raise NonFiniteLossError(f"{e} (last good checkpoint: {kept or 'none yet'})") from None
     except BaseException as e:
         _finish(
+            ctx,
             cfg,
             run_name,
             f"failed: {type(e).__name__}: {e}",
@@ -309,8 +339,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tracker.finish()
         raise
     tracker.finish()
-    _write_json(run_dir / "metrics.json", {**metrics, **evaluator.settings(solver)})
-    _finish(cfg, run_name, "completed", metrics, last_path, started, t0)
+    if ctx.is_main:
+        _write_json(run_dir / "metrics.json", {**metrics, **evaluator.settings(solver)})
+    _finish(ctx, cfg, run_name, "completed", metrics, last_path, started, t0)
     objects = {
         "model": model,
         "ema": trainer.ema,
@@ -369,7 +400,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
         tracker.log(metrics, step=int(state["step"]))
         tracker.finish()
-    _finish(cfg, run_name, f"eval of {path}", metrics, path, started, t0)
+    _finish(distributed.Dist(0, 1, device), cfg, run_name, f"eval of {path}", metrics, path, started, t0)
     return metrics, {"model": model, "solver": solver, "run_dir": run_dir}
 
 

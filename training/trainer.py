@@ -6,6 +6,7 @@ batch dicts) and never a model's or a data set's name.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -20,6 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from losses.base import LossOutput
+from training import distributed
 from training.ema import EMA
 from training.errors import NonFiniteLossError
 from training.precision import Precision
@@ -35,6 +37,12 @@ class Trainer:
 
     ``step`` counts optimizer steps; ``batch_in_epoch`` counts micro-batches consumed in the
     current epoch, so a run stopped mid-epoch resumes on the next batch.
+
+    Under torchrun the training step calls the model through DDP (or shards it with FSDP2,
+    ``strategy=fsdp``); ``model`` stays the unwrapped module the EMA trails, and the state dict
+    holds full, unsharded tensors, so a checkpoint resumes in any number of processes. Step
+    losses are averaged over ranks before the NaN check, so all ranks stop together.
+    ``devices`` is the process count the launcher asked for: checked against the process group.
     """
 
     def __init__(
@@ -54,14 +62,32 @@ class Trainer:
         log_every: int = 50,
         compile: bool = False,
         compile_mode: str = "default",
+        strategy: str = "ddp",
+        devices: int = 1,
     ):
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
         if grad_accum < 1:
             raise ValueError(f"trainer.grad_accum must be >= 1, got {grad_accum}")
+        world = distributed.world_size()
+        if devices > 1 and devices != world:
+            raise ValueError(
+                f"trainer.devices={devices} but this run has {world} process(es); start it with launcher.py "
+                f"(which relaunches itself under torchrun) or torchrun --nproc_per_node={devices}"
+            )
         self.model = model
-        self.train_model: nn.Module = torch.compile(model, mode=compile_mode) if compile else model  # type: ignore[assignment]
         self.ema = EMA(model, ema_decay)
+        fsdp = strategy == "fsdp" and distributed.active()
+        # under FSDP the EMA is sharded like the model, and rank 0 evaluates a full replica
+        self._replica = copy.deepcopy(self.ema.module) if fsdp and distributed.rank() == 0 else None
+        names = {id(p): n for n, p in model.named_parameters()}
+        wrapped = distributed.wrap_for_training(model, strategy, device)
+        if fsdp:  # FSDP2 replaced the parameters by sharded ones: the optimizer (still empty) follows
+            current = dict(model.named_parameters())
+            for group in optimizer.param_groups:
+                group["params"] = [current[names[id(p)]] for p in group["params"]]
+            distributed.wrap_for_training(self.ema.module, strategy, device)
+        self.train_model: nn.Module = torch.compile(wrapped, mode=compile_mode) if compile else wrapped  # type: ignore[assignment]
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -85,10 +111,11 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Full tensors; under FSDP a collective (every rank calls it), complete on rank 0."""
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": distributed.model_state(self.model),
+            "ema": distributed.model_state(self.ema.module),
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -98,9 +125,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(self.model, state["model"])
+        distributed.load_model_state(self.ema.module, state["ema"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -108,22 +135,36 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_batches = state["skipped_batches"]
 
+    def eval_module(self, use_ema: bool) -> nn.Module | None:
+        """The unwrapped module to evaluate (EMA or raw weights) on rank 0, None on other ranks.
+        Under FSDP a collective: the full weights are gathered into a replica on rank 0."""
+        source = self.ema.module if use_ema else self.model
+        if distributed.is_sharded(source):
+            state = distributed.model_state(source)
+            if self._replica is not None:
+                self._replica.load_state_dict(state)
+            return self._replica
+        return source if distributed.rank() == 0 else None
+
     # --- one optimizer step ------------------------------------------------------------------
-    def _micro_step(self, batch: dict[str, Tensor]) -> LossOutput | None:
+    def _micro_step(self, batch: dict[str, Tensor], sync: bool) -> LossOutput | None:
         """Forward and backward one micro-batch; returns its detached output, None if skipped.
 
         Nothing here reads a value back from the device (a CUDA stall): non-finite losses are
         found when a window of losses is read at the next log point, except under
         ``nan_policy=skip``, which must decide before the backward pass and so checks every batch.
+        ``sync=False`` (all micro-batches of an accumulation group but the last) skips the
+        gradient all-reduce of multi-process runs.
         """
-        with self.precision.autocast_context(self.device):
+        with distributed.gradient_sync(self.train_model, sync), self.precision.autocast_context(self.device):
             out = self.loss_fn(self.train_model, batch)
-        if self.nan_policy == "skip" and not torch.isfinite(out.loss):
-            self.skipped_batches += 1
-            log.warning("loss is %s at step %d: batch skipped (nan_policy=skip)", out.loss.item(), self.step + 1)
-            return None
-        loss = out.loss if self.grad_accum == 1 else out.loss / self.grad_accum
-        self.scaler.scale(loss).backward()
+            # the skip decision is shared: a rank that skipped its backward would hang the others
+            if self.nan_policy == "skip" and not torch.isfinite(distributed.mean_across_ranks(out.loss)):
+                self.skipped_batches += 1
+                log.warning("loss is %s at step %d: batch skipped (nan_policy=skip)", out.loss.item(), self.step + 1)
+                return None
+            loss = out.loss if self.grad_accum == 1 else out.loss / self.grad_accum
+            self.scaler.scale(loss).backward()
         return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()})
 
     def _optimizer_step(self, measure_norm: bool) -> Tensor | None:
@@ -148,7 +189,7 @@ class Trainer:
         Returns the losses and the window means of the metrics."""
         if not pending:
             return [], {}
-        values = torch.stack([out.loss for out in pending]).tolist()
+        values = distributed.mean_across_ranks(torch.stack([out.loss for out in pending])).tolist()
         first = self.step - len(values) + 1
         for i, value in enumerate(values):
             if not math.isfinite(value):
@@ -159,7 +200,8 @@ class Trainer:
                     "last good checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
                 )
         keys = pending[0].metrics.keys()
-        means = {k: torch.stack([out.metrics[k] for out in pending]).mean().item() for k in keys}
+        means = {k: distributed.mean_across_ranks(torch.stack([out.metrics[k] for out in pending]).mean()).item()
+                 for k in keys}  # fmt: skip
         self.losses.extend(values)
         pending.clear()
         return values, means
@@ -201,7 +243,7 @@ class Trainer:
             stopped = False  # by max_steps, not by the end of the epoch's batches
             for batch in batches:
                 self.batch_in_epoch += 1
-                out = self._micro_step(batch)
+                out = self._micro_step(batch, sync=self.batch_in_epoch % self.grad_accum == 0)
                 if out is not None:
                     group.append(out)
                 if self.batch_in_epoch % self.grad_accum:
