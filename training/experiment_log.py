@@ -45,8 +45,10 @@ def append_entry(
         lines += ["", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    with path.open("a", encoding="utf-8") as f:
-        if new_file:
+    try:  # exclusive create: of parallel sweep jobs, exactly one writes the header
+        with path.open("x", encoding="utf-8") as f:
             f.write(HEADER)
+    except FileExistsError:
+        pass
+    with path.open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
