@@ -42,7 +42,8 @@ log = logging.getLogger("launcher")
 
 
 def translate_flags(argv: list[str]) -> list[str]:
-    """The notes' argparse-style ``--backend NAME`` (or ``--backend=NAME``) as the override ``backend=NAME``."""
+    """The notes' argparse-style ``--backend NAME`` (or ``--backend=NAME``) as the override ``backend=NAME``,
+    and ``--detach`` (a Modal run that outlives the local terminal) as ``backend.detach=true``."""
     out: list[str] = []
     args = iter(argv)
     for arg in args:
@@ -51,6 +52,8 @@ def translate_flags(argv: list[str]) -> list[str]:
         elif arg == "--backend":
             name = next(args, None)
             out.append(f"backend={name}" if name is not None else arg)  # no name: Hydra rejects the bare flag
+        elif arg == "--detach":
+            out.append("backend.detach=true")
         else:
             out.append(arg)
     return out

@@ -151,6 +151,11 @@ def test_objective_is_the_optimized_metric_or_the_first_energy_distance():
 def test_backend_flag_becomes_an_override():
     assert translate_flags(["--backend", "modal", "run_name=x"]) == ["backend=modal", "run_name=x"]
     assert translate_flags(["-m", "--backend=modal", "seed=0,1"]) == ["-m", "backend=modal", "seed=0,1"]
+    assert translate_flags(["--backend", "modal", "--detach", "run_name=x"]) == [
+        "backend=modal",
+        "backend.detach=true",
+        "run_name=x",
+    ]
     assert translate_flags(["run_name=x", "--backend"]) == ["run_name=x", "--backend"]  # Hydra rejects it
 
 
