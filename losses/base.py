@@ -24,8 +24,12 @@ class Loss:
     """Base of the losses: ``loss(model, batch) -> LossOutput``.
 
     ``check(device)`` runs once before training, so a setting the device cannot serve fails
-    before any work with a ValueError that names the fix.
+    before any work with a ValueError that names the fix. ``fixed_model_calls`` says whether every
+    step calls the model the same number of times whatever the batch holds: FSDP's all-gathers,
+    one per call on every rank, need it.
     """
+
+    fixed_model_calls = True
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         raise NotImplementedError

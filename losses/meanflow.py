@@ -83,6 +83,11 @@ class MeanFlowLoss(Loss):
         self.use_cuda_graph = use_cuda_graph
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor | None], Tensor]] = {}
 
+    @property
+    def fixed_model_calls(self) -> bool:  # type: ignore[override]
+        """The selective jvp is skipped on a batch with no r != t sample, so ranks can differ."""
+        return self.full_batch_jvp or self.use_cuda_graph
+
     def check(self, device: torch.device) -> None:
         if self.use_cuda_graph and device.type != "cuda":
             raise ValueError(

@@ -193,3 +193,9 @@ def test_devices_2_relaunches_the_launcher_under_torchrun(tmp_path):
     assert (tmp_path / "EXPERIMENT_LOG.md").read_text().count("\n## ") == 1
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert out.stdout.count("energy distance") == 1  # the table, from rank 0 only
+
+
+def test_fsdp_refuses_the_selective_meanflow_jvp(make_cfg):
+    """Its jvp is skipped on a batch without r != t samples: ranks would disagree on FSDP's all-gathers."""
+    with pytest.raises(UserError, match="strategy=fsdp .* loss.full_batch_jvp=true"):
+        train(make_cfg("loss=meanflow", "solver=meanflow", "trainer.strategy=fsdp"))

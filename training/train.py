@@ -191,6 +191,11 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         loss_fn.check(device)
     except ValueError as e:
         raise UserError(str(e)) from e
+    if cfg.trainer.get("strategy") == "fsdp" and not loss_fn.fixed_model_calls:
+        raise UserError(
+            "trainer.strategy=fsdp needs a loss that calls the model equally often on every rank; "
+            "for loss=meanflow set loss.full_batch_jvp=true (or use trainer.strategy=ddp)"
+        )
     solver = build(cfg, "solver")
     evaluator = build(cfg, "eval")
     if ctx.is_main:  # rank 0 evaluates
