@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
-from evaluation.fid import FeatureExtractor, Statistics, check_mode, features, fid, kid, load_inception
+from evaluation.fid import (
+    FeatureExtractor,
+    Statistics,
+    check_mode,
+    features,
+    fid,
+    kid,
+    load_inception,
+    resolution_of,
+)
 from evaluation.fid_reference import reference_statistics
 from evaluation.sample_folder import write_samples
 
@@ -141,7 +149,7 @@ class FIDEval:
                 progress=self.progress,
                 desc=f"features {key}",
             )
-            resolution = f"{self.resolution}x{self.resolution}" if self.resolution else _size_of(files[0])
+            resolution = resolution_of(files[:1], self.mode, self.resolution)  # one model: one sample size
             stats = Statistics.from_features(feats, self.mode, extractor.name, resolution, source=str(folder))
             metrics[f"eval/fid@{key}"] = fid(stats, reference)
             if self.kid and len(reference.feats) > 1:
@@ -155,8 +163,3 @@ class FIDEval:
                 )
             log.info("%s: FID %.4g over %d samples in %s", key, metrics[f"eval/fid@{key}"], len(files), folder)
         return metrics
-
-
-def _size_of(path: Path) -> str:
-    with Image.open(path) as im:
-        return f"{im.width}x{im.height}"

@@ -426,13 +426,17 @@ class GlideUNet(nn.Module):
             raise ValueError(
                 f"GLIDE checkpoint {path} is truncated or not a torch file ({type(err).__name__} while reading it)"
             ) from err
+        self.load_weights(state, str(path))
+
+    def load_weights(self, state: object, source: str) -> None:
+        """A GLIDE state dict already in memory (``source`` names it in messages), checked like a file."""
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(
-                f"GLIDE checkpoint {path} is not a bare state dict of tensors (a training checkpoint?); pass "
+                f"GLIDE checkpoint {source} is not a bare state dict of tensors (a training checkpoint?); pass "
                 "OpenAI's base.pt/upsample.pt or a file written by torch.save(model.state_dict())"
             )
         if problem := state_dict_mismatch(self.state_dict(), state, self.super_res):
-            raise ValueError(f"GLIDE checkpoint {path} does not fit this model: {problem}")
+            raise ValueError(f"GLIDE checkpoint {source} does not fit this model: {problem}")
         self.load_state_dict(state)
 
     def text_encoder_parameters(self) -> Iterator[nn.Parameter]:

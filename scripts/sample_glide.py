@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import Tensor
 from torchvision.utils import save_image
@@ -29,10 +28,10 @@ from evaluation.errors import EvaluationError
 from models.glide import GlideUNet
 from models.glide_tokenizer import GlideTokenizer
 from solvers.diffusion import DiffusionSampler
-from training.checkpoint import FORMAT
+from training.checkpoint import FORMAT, check_state
 from training.compose import compose_config
 from training.errors import UserError
-from training.inference import load_model
+from training.inference import model_from_state
 
 log = logging.getLogger("sample_glide")
 
@@ -43,15 +42,15 @@ def load_glide(path: Path, which: str, device: torch.device) -> GlideUNet:
     """OpenAI's released weights (a bare state dict) or a DenoisingZoo checkpoint."""
     if not path.is_file():
         raise UserError(f"--{which}: no file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # read once: released files are 1.5 GB
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        model, _ = load_model(path, use_ema=True, device=device, what=f"--{which} checkpoint")
+        model = model_from_state(check_state(state, path, f"--{which} checkpoint"), path)
     else:
-        cfg = compose_config([f"model=glide_{which}", f"model.checkpoint={path}"])
+        model = instantiate(compose_config([f"model=glide_{which}", "model.from_scratch=true"]).model)
         try:
-            model = instantiate(cfg.model)
-        except InstantiationException as e:  # the model's one-line ValueError, wrapped by Hydra
-            raise UserError(str(e.__cause__ or e).splitlines()[0]) from None
+            model.load_weights(state, str(path))
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if not isinstance(model, GlideUNet) or model.super_res != (which == "upsample"):
         found = (
             type(model).__name__

@@ -20,7 +20,17 @@ from typing import Any
 
 from evaluation.clip_score import CLIPScore, load_clip_scorer, read_prompts
 from evaluation.errors import EvaluationError
-from evaluation.fid import MODES, FeatureExtractor, Statistics, features, fid, kid, list_images, load_inception
+from evaluation.fid import (
+    MODES,
+    FeatureExtractor,
+    Statistics,
+    features,
+    fid,
+    kid,
+    list_images,
+    load_inception,
+    resolution_of,
+)
 from evaluation.fid_reference import reference_statistics
 
 log = logging.getLogger("score_samples")
@@ -58,7 +68,7 @@ def score(
             args.reference, extractor, Path(args.stats_dir), args.resolution, args.batch_size, args.num_workers
         )
         feats = features(files, extractor, args.batch_size, args.num_workers, args.resolution)
-        res = f"{args.resolution}x{args.resolution}" if args.resolution else reference.resolution
+        res = resolution_of(files, extractor.mode, args.resolution)  # checked against the reference's by fid()
         stats = Statistics.from_features(feats, extractor.mode, extractor.name, res, source=str(args.folder))
         scores.update({"fid": fid(stats, reference), "fid/mode": extractor.mode, "fid/reference": args.reference})
         if len(reference.feats) > 1:

@@ -59,6 +59,11 @@ def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
             f"{what} {path} is truncated or not a torch checkpoint ({type(e).__name__} while reading it); "
             "use another file, e.g. an archived one"
         ) from e
+    return check_state(state, path, what)
+
+
+def check_state(state: Any, path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """``state`` as a validated DenoisingZoo checkpoint, else a one-line ``UserError``."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(
             f"{what} {path} is not a DenoisingZoo checkpoint (no '{FORMAT}' format tag); "

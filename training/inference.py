@@ -44,6 +44,13 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoint's model in eval mode with EMA (default) or raw weights, and its state."""
     state = load_checkpoint(path, what)
+    return model_from_state(state, path, use_ema, device), state
+
+
+def model_from_state(
+    state: dict[str, Any], path: Path, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The model of a checkpoint already in memory (``path`` names it in messages)."""
     model: nn.Module = _instantiate(state, "model", path)
     try:
         model.load_state_dict(model_weights(state, use_ema))
@@ -57,7 +64,7 @@ def load_model(
         path,
         state["step"],
     )
-    return model.to(device).eval(), state
+    return model.to(device).eval()
 
 
 def load_data(state: dict[str, Any], path: Path) -> Any:
