@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
@@ -25,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
+from adapters.open_clip_loader import ClipModelError, ClipWeightsNotFoundError, load_open_clip
 from evaluation.errors import EvaluationError
 from evaluation.sample_folder import SAMPLE
 
@@ -194,46 +194,13 @@ def load_clip_scorer(
 ) -> CLIPScore:
     """A ``CLIPScore`` with pretrained weights: ``pretrained`` is an open_clip tag of ``model_name``
     (fetched from the Hugging Face hub, or its cache under ``HF_HUB_OFFLINE=1``) or a local weights
-    file. Never falls back to random weights: weights that cannot be found raise
-    ``CLIPWeightsNotFoundError`` with the fix in one line.
-
-    A tag's QuickGELU setting is applied (OpenAI weights need it; open_clip only warns). A local
-    file of OpenAI weights needs the ``-quickgelu`` model name (``ViT-B-32-quickgelu``).
+    file (``adapters.open_clip_loader.load_open_clip``). Never falls back to random weights: weights
+    that cannot be found raise ``CLIPWeightsNotFoundError`` with the fix in one line.
     """
-    if model_name not in open_clip.list_models():
-        raise CLIPScoreError(f"unknown open_clip model {model_name!r}; open_clip.list_models() lists the known ones")
-    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if tag:
-        _fetch_tag(model_name, pretrained, tag, cache_dir)
-    else:
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-            raise CLIPWeightsNotFoundError(
-                f"CLIP weights {pretrained!r} for {model_name}: no such file, and not a pretrained tag of "
-                f"{model_name} (its tags: {tags})"
-            )
-        pretrained = str(path)
-    model = open_clip.create_model(
-        model_name,
-        pretrained=pretrained,
-        device=device,
-        force_quick_gelu=bool(tag.get("quick_gelu", False)),
-        cache_dir=cache_dir,
-        require_pretrained=True,
-    )
-    log.info("CLIP score model %s (%s) on %s", model_name, pretrained, device)
-    return CLIPScore(model, CLIPImageTransform.from_model(model), open_clip.get_tokenizer(model_name), device)
-
-
-def _fetch_tag(model_name: str, pretrained: str, tag: dict[str, Any], cache_dir: str | None) -> None:
-    """Puts the tag's weights in the hub cache (a cache hit when they are there), turning open_clip's
-    unhelpful failure offline into a one-line error; ``create_model`` then loads from the cache."""
     try:
-        open_clip.download_pretrained(tag, cache_dir=cache_dir)
-    except FileNotFoundError as err:  # what open_clip raises when the hub download fails
-        raise CLIPWeightsNotFoundError(
-            f"CLIP weights {model_name}/{pretrained} are not in the local Hugging Face cache and could not be "
-            "downloaded (offline?): pass a local weights file (pretrained=/path/to/open_clip_pytorch_model.bin) "
-            "or run once online, with HF_HUB_OFFLINE unset, so the hub cache fills"
-        ) from err
+        model = load_open_clip(model_name, pretrained, device, cache_dir)
+    except ClipWeightsNotFoundError as err:
+        raise CLIPWeightsNotFoundError(str(err)) from err
+    except ClipModelError as err:
+        raise CLIPScoreError(str(err)) from err
+    return CLIPScore(model, CLIPImageTransform.from_model(model), open_clip.get_tokenizer(model_name), device)
