@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from training.callbacks import Callback
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,20 @@ def param_groups(model: nn.Module, rules: Sequence[dict[str, Any]]) -> list[dict
         log.info("param group %r: %d tensors, %.2fM parameters, %s", pattern.pattern, len(group["params"]), n / 1e6,
                  "frozen" if options.get("freeze") else options)  # fmt: skip
     return [g for g in groups if g["params"]]
+
+
+def optimizer_groups(model: nn.Module, rules: list[dict[str, Any]], callbacks: list[Callback]) -> list[dict]:
+    """The optimizer's parameter groups: a callback's (an adapter's training phase), else the
+    ``param_groups`` rules'; both at once would be two answers to one question, so it is refused."""
+    provided = [groups for cb in callbacks if (groups := cb.param_groups(model)) is not None]
+    if not provided:
+        return param_groups(model, rules)
+    if rules or len(provided) > 1:
+        raise ValueError(
+            "the adapter's training phase defines the optimizer groups; drop the param_groups rules "
+            "(set the adapter's learning rates and clipping in adapter.*)"
+        )
+    return provided[0]
 
 
 def adamw8bit(

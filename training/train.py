@@ -26,11 +26,12 @@ from omegaconf.errors import InterpolationResolutionError
 
 from evaluation.errors import EvaluationError
 from training import distributed
+from training.callbacks import Callback
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
 from training.inference import load_data, load_model
-from training.optim import param_groups
+from training.optim import optimizer_groups
 from training.precision import Precision, resolve_device
 from training.seeding import rng_state, seed_everything, set_rng_state
 from training.tracking import Tracker, make_tracker
@@ -203,8 +204,9 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     distributed.per_rank_batch(data.batch_size, ctx.world_size)
     loader = data.train_loader(device, cfg.seed)
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
+    callbacks: list[Callback] = [build(cfg, "adapter")] if cfg.get("adapter") else []
     try:
-        groups = param_groups(model, OmegaConf.to_container(cfg.param_groups))  # type: ignore[arg-type]
+        groups = optimizer_groups(model, OmegaConf.to_container(cfg.param_groups), callbacks)  # type: ignore[arg-type]
         optimizer = build(cfg, "optimizer")(params=groups)
     except ValueError as e:
         raise UserError(str(e)) from e
@@ -229,12 +231,21 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         precision=precision,
         device=device,
         tracker=tracker,
+        callbacks=callbacks,
     )
     if state is not None:
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as e:
+            raise UserError(f"resume refused: {e}") from e
         set_rng_state(state["rng"])
         log.info("resumed %s at step %d (epoch %d)", last_path, trainer.step, trainer.epoch)
     distributed.seed_rank(cfg.seed, ctx.rank, trainer.step)  # ranks > 0 draw their own noise and times
+    try:
+        for callback in callbacks:
+            callback.on_train_start(trainer, data)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
     run_dir = Path(cfg.paths.run_dir)
     reference = data.eval_set
@@ -254,6 +265,8 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         if ctx.is_main:
             save_checkpoint({"format": FORMAT, **state, "rng": rng_state(), "config": resolved, "metrics": metrics},
                             path)  # fmt: skip
+            for callback in callbacks:
+                callback.on_checkpoint(trainer, path)
         distributed.barrier()
 
     latest: dict[str, float] = {}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from losses.base import LossOutput
 from training import distributed
+from training.callbacks import Callback
 from training.ema import EMA
 from training.errors import NonFiniteLossError
 from training.precision import Precision
@@ -43,6 +44,12 @@ class Trainer:
     holds full, unsharded tensors, so a checkpoint resumes in any number of processes. Step
     losses are averaged over ranks before the NaN check, so all ranks stop together.
     ``devices`` is the process count the launcher asked for: checked against the process group.
+
+    Gradient clipping is global (``grad_clip`` over all parameters) unless an optimizer group
+    carries its own ``grad_clip`` (None: measured, not clipped): then each group is clipped on its
+    own, and the pre/post-clip norms are logged per group under the group's ``name``, e.g. an
+    adapter clipped harder than the pretrained weights it sits on. ``callbacks`` (see
+    ``training.callbacks``) hook into the loop; one may end it early through ``stop_reason``.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class Trainer:
         compile_mode: str = "default",
         strategy: str = "ddp",
         devices: int = 1,
+        callbacks: list[Callback] | None = None,
     ):
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
@@ -108,6 +116,13 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_steps = 0
         self.step_rates: list[float] = []  # steps/s of each logging window, for steady-state speed
+        self.callbacks = list(callbacks or [])
+        self.stop_reason: str | None = None  # set by a callback to end training after the current step
+        self.clip_groups = [
+            (g.get("name", f"group{i}"), g["params"], g.get("grad_clip", grad_clip))
+            for i, g in enumerate(optimizer.param_groups)
+        ]
+        self.per_group_clip = any("grad_clip" in g for g in optimizer.param_groups)
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -122,9 +137,12 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_batches": self.skipped_batches,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
+            cb.load_state_dict(cb_state)  # first: a callback names a mismatch better than the optimizer does
         distributed.load_model_state(self.model, state["model"])
         distributed.load_model_state(self.ema.module, state["ema"])
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -167,21 +185,44 @@ class Trainer:
             self.scaler.scale(loss).backward()
         return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()})
 
-    def _optimizer_step(self, measure_norm: bool) -> Tensor | None:
-        """Unscale, clip, step, update the EMA; returns the pre-clip gradient norm when it was
-        computed (always when clipping, else only if ``measure_norm``)."""
+    def _optimizer_step(self, measure_norm: bool) -> dict[str, Tensor]:
+        """Unscale, clip, step, update the EMA; returns the pre-clip gradient norms that were computed
+        (always when clipping, else only if ``measure_norm``): ``{"": global}``, or one per group
+        under per-group clipping."""
         self.scaler.unscale_(self.optimizer)
-        norm = None
-        if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        norms: dict[str, Tensor] = {}
+        if self.per_group_clip:
+            for name, params, max_norm in self.clip_groups:
+                if max_norm:
+                    norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                elif measure_norm:
+                    norms[name] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        elif self.grad_clip:
+            norms[""] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         elif measure_norm:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norms[""] = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         self.ema.update(self.model, self.step)
-        return norm
+        return norms
+
+    def _norm_metrics(self, norms: dict[str, Tensor]) -> dict[str, float]:
+        """Pre- and post-clip gradient norms for the log: global, or per group plus their total."""
+        if not self.per_group_clip:
+            pre = float(norms[""]) if "" in norms else math.nan
+            post = min(pre, self.grad_clip) if self.grad_clip else pre
+            return {"train/grad_norm_pre_clip": pre, "train/grad_norm_post_clip": post}
+        metrics: dict[str, float] = {}
+        for name, _, max_norm in self.clip_groups:
+            pre = float(norms[name]) if name in norms else math.nan
+            metrics[f"train/grad_norm_pre_clip/{name}"] = pre
+            metrics[f"train/grad_norm_post_clip/{name}"] = min(pre, max_norm) if max_norm else pre
+        for kind in ("pre", "post"):
+            parts = [v for k, v in metrics.items() if k.startswith(f"train/grad_norm_{kind}_clip/")]
+            metrics[f"train/grad_norm_{kind}_clip"] = math.sqrt(sum(v * v for v in parts))
+        return metrics
 
     def _flush(self, pending: list[LossOutput]) -> tuple[list[float], dict[str, float]]:
         """Read a window of step losses and loss metrics back from the device; stop at the first
@@ -235,7 +276,7 @@ class Trainer:
         )
         pending: list[LossOutput] = []  # step losses and metrics not yet read back from the device
         window_start, window_steps = time.perf_counter(), 0
-        while self.epoch < epochs and self.step < total:
+        while self.epoch < epochs and self.step < total and self.stop_reason is None:
             loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
             batches = itertools.islice(iter(loader), self.batch_in_epoch, steps_per_epoch * self.grad_accum)
             t0, steps_before = time.perf_counter(), self.step
@@ -251,37 +292,41 @@ class Trainer:
                 if not group:  # every micro-batch of the group was skipped
                     continue
                 log_now = (self.step + 1) % self.log_every == 0 or self.step + 1 == total
-                norm = self._optimizer_step(measure_norm=log_now)
+                norms = self._optimizer_step(measure_norm=log_now)
                 self.step += 1
                 window_steps += 1
                 pending.append(group[0] if len(group) == 1 else _mean_output(group))
                 group = []
+                hook_metrics = {k: v for cb in self.callbacks for k, v in cb.on_step_end(self).items()}
                 if log_now:
                     values, loss_metrics = self._flush(pending)
                     elapsed = time.perf_counter() - window_start
-                    pre = float(norm) if norm is not None else math.nan
                     metrics = {
                         "train/loss": sum(values) / len(values),
                         "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "train/grad_norm_pre_clip": pre,
-                        "train/grad_norm_post_clip": min(pre, self.grad_clip) if self.grad_clip else pre,
+                        **self._norm_metrics(norms),
                         "train/steps_per_sec": window_steps / elapsed,
                         "train/skipped_batches": float(self.skipped_batches),
                         "epoch": float(self.epoch),
                         **{f"train/{k}": v for k, v in loss_metrics.items()},
+                        **hook_metrics,
                     }
                     if self.device.type == "cuda":
                         metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                     self.step_rates.append(metrics["train/steps_per_sec"])
+                    for cb in self.callbacks:
+                        metrics.update(cb.on_log(self, values, metrics))
                     self.tracker.log(metrics, step=self.step)
                     bar.update(self.step - bar.n)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
+                elif hook_metrics:
+                    self.tracker.log(hook_metrics, step=self.step)
                 if on_step_end is not None and step_hook_every and self.step % step_hook_every == 0:
                     self._flush(pending)
                     on_step_end(self.step)
                     window_start, window_steps = time.perf_counter(), 0  # hook time is not training time
-                if self.step >= total:
+                if self.step >= total or self.stop_reason is not None:
                     stopped = True
                     break
             self._flush(pending)
@@ -296,6 +341,8 @@ class Trainer:
                 self.batch_in_epoch = 0
                 on_epoch_end(self.epoch)
                 window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
+        if self.stop_reason is not None:
+            log.info("training stopped at step %d: %s", self.step, self.stop_reason)
         bar.close()
 
 
