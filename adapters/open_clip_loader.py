@@ -13,13 +13,14 @@ import difflib
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import open_clip
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
+
+ClipModel: TypeAlias = "open_clip.CLIP | open_clip.CustomTextCLIP"
 
 
 class ClipModelError(ValueError):
@@ -44,7 +45,7 @@ def cache_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-")
 
 
-def embedding_dim(model: nn.Module, model_name: str) -> int:
+def embedding_dim(model: ClipModel, model_name: str) -> int:
     """The width of ``model``'s joint embedding, from one forward of its text tower on an empty caption."""
     tokens = open_clip.get_tokenizer(model_name)([""]).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -56,13 +57,13 @@ def architecture_dim(model_name: str) -> int:
     read and no memory is spent, so a model config can know it before any CLIP is loaded."""
     check_model_name(model_name)
     with torch.device("meta"):
-        model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
-        return embedding_dim(model, model_name)
+        model = open_clip.create_model(model_name, pretrained=None, load_weights=False, device="meta")
+        return embedding_dim(cast(ClipModel, model), model_name)
 
 
 def load_open_clip(
     model_name: str, pretrained: str, device: str | torch.device = "cpu", cache_dir: str | None = None
-) -> nn.Module:
+) -> ClipModel:
     """An open_clip model with pretrained weights, in eval mode on ``device``.
 
     A tag's QuickGELU setting is applied (OpenAI weights need it; open_clip only warns). A local file of
@@ -90,7 +91,7 @@ def load_open_clip(
         require_pretrained=True,
     )
     log.info("CLIP model %s (%s) on %s", model_name, pretrained, device)
-    return model.eval()
+    return cast(ClipModel, model.eval())
 
 
 def _fetch_tag(model_name: str, pretrained: str, tag: dict[str, Any], cache_dir: str | None) -> None:

@@ -190,7 +190,11 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions that also attends to the text: the per-token keys and
     values from ``encoder_kv`` are prepended to the image's. Each head's slice of the fused qkv
-    (and of encoder_kv) is laid out as [q | k | v] ([k | v]), GLIDE's order."""
+    (and of encoder_kv) is laid out as [q | k | v] ([k | v]), GLIDE's order.
+
+    ``clip_attention`` is empty here; ``models.glide_clip`` installs IP-Adapter's decoupled attention
+    to CLIP tokens there, a second attention of the same queries whose gated output is added to this
+    one's. It runs only when ``clip`` tokens are passed, so the plain model's numbers never change."""
 
     def __init__(self, channels: int, num_heads: int, encoder_channels: int):
         super().__init__()
@@ -201,8 +205,9 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.clip_attention: nn.Module | None = None
 
-    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor, clip: Tensor | None = None, gate_scale: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         d = C // self.num_heads
         qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, HW)
@@ -210,6 +215,8 @@ class AttentionBlock(nn.Module):
         ekv = self.encoder_kv(text).to(qkv.dtype)  # (B, 2C, L)
         ek, ev = ekv.reshape(B, self.num_heads, 2 * d, -1).transpose(-2, -1).split(d, dim=-1)  # (B, h, L, d)
         h = F.scaled_dot_product_attention(q, torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2))
+        if clip is not None and self.clip_attention is not None:
+            h = h + self.clip_attention(q, clip, gate_scale)  # (B, h, HW, d)
         h = h.transpose(-2, -1).reshape(B, C, H * W)  # (B, C, HW)
         return x + self.proj_out(h).reshape(B, C, H, W)
 
@@ -238,14 +245,17 @@ class Upsample(nn.Module):
 
 class Stage(nn.Sequential):
     """One entry of ``input_blocks``/``output_blocks``/``middle_block`` (GLIDE's TimestepEmbedSequential):
-    residual blocks take the embedding, attention blocks the text, anything else only the features."""
+    residual blocks take the embedding, attention blocks the text (and the CLIP tokens with their gate
+    scale, see ``GlideUNet.unet_forward``), anything else only the features."""
 
-    def forward(self, h: Tensor, emb: Tensor, text: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, h: Tensor, emb: Tensor, text: Tensor, clip: Tensor | None = None, gate_scale: Tensor | None = None
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, AttentionBlock):
-                h = layer(h, text)
+                h = layer(h, text, clip, gate_scale)
             else:
                 h = layer(h)
         return h
@@ -476,7 +486,15 @@ class GlideUNet(nn.Module):
         return {"tokens": tokens, "mask": torch.zeros_like(tokens, dtype=torch.bool)}
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: dict[str, Tensor] | None = None) -> Tensor:
-        cond = cond or {}
+        return self.unet_forward(x, t, cond or {})
+
+    def unet_forward(
+        self, x: Tensor, t: Tensor, cond: dict[str, Tensor], clip: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``forward`` without the unused ``r``. ``clip`` is ``(tokens (B, xf_width, L), gate_scale ())``
+        for the attention blocks' ``clip_attention`` (``models.glide_clip``); passed as tensors through
+        ``run`` so that activation checkpointing recomputes the same thing and no state stays on modules."""
+        extra = clip or ()
         text = cond if "tokens" in cond else self.unconditional(x.shape[0], x.device)
         h = x
         if self.super_res:
@@ -492,11 +510,11 @@ class GlideUNet(nn.Module):
 
         skips = []
         for stage in self.input_blocks:
-            h = self.run(stage, h, emb, tokens)
+            h = self.run(stage, h, emb, tokens, *extra)
             skips.append(h)
-        h = self.run(self.middle_block, h, emb, tokens)  # (B, C_last, H / 2^(L-1), W / 2^(L-1))
+        h = self.run(self.middle_block, h, emb, tokens, *extra)  # (B, C_last, H / 2^(L-1), W / 2^(L-1))
         for stage in self.output_blocks:
-            h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, tokens)
+            h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, tokens, *extra)
         return self.out(h).to(x.dtype)  # (B, 6, H, W)
 
 
