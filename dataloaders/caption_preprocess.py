@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dataloaders.clip_cache import ClipFound, stack_found
+
 # what PIL raises on a truncated, corrupt or hostile file
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -141,16 +143,19 @@ def pick_caption(text: str, rng: random.Random | None) -> str:
 
 
 def make_chunk(
-    images: list[Tensor], low_res: list[Tensor | None], captions: list[str], counts: Counter, shape: tuple[int, ...]
-) -> dict:
-    """Worker-side batch: uint8 images (n, 3, S, S) (n may be 0), low-res or None, captions, counts.
+    images: list[Tensor], low_res: list[Tensor | None], captions: list[str], counts: Counter, shape: tuple[int, ...],
+    clip: list[ClipFound] | None = None,
+) -> dict:  # fmt: skip
+    """Worker-side batch: uint8 images (n, 3, S, S) (n may be 0), low-res or None, captions, counts,
+    and with a CLIP cache what it held for each image (``clip_cache.stack_found``; else None).
 
     A plain dict so the DataLoader can pin its tensors; counts are what the worker saw since its
     previous chunk.
     """
     stacked = torch.stack(images) if images else torch.empty((0, *shape), dtype=torch.uint8)
     lows = None if not low_res or low_res[0] is None else torch.stack(low_res)  # type: ignore[arg-type]
-    return {"images": stacked, "low_res": lows, "captions": captions, "counts": dict(counts)}
+    found = None if clip is None else stack_found(clip)
+    return {"images": stacked, "low_res": lows, "captions": captions, "counts": dict(counts), "clip": found}
 
 
 def collate_records(records: list[dict]) -> dict:
@@ -160,4 +165,5 @@ def collate_records(records: list[dict]) -> dict:
         counts.update(record["counts"])
     images = [r["image"] for r in records]
     shape = tuple(images[0].shape) if images else (3, 0, 0)
-    return make_chunk(images, [r["low_res"] for r in records], [r["caption"] for r in records], counts, shape)
+    clip = [r["clip"] for r in records] if records and "clip" in records[0] else None
+    return make_chunk(images, [r["low_res"] for r in records], [r["caption"] for r in records], counts, shape, clip)

@@ -1,7 +1,8 @@
 """Captioned images for text-to-image models (GLIDE): batches of
 
     {"x1": (B, 3, S, S) in [-1, 1], "cond": {"tokens": (B, ctx) long, "mask": (B, ctx) bool,
-                                             "low_res": (B, 3, L, L) in [-1, 1]  (upsampler only)}}
+                                             "low_res": (B, 3, L, L) in [-1, 1]  (upsampler only),
+                                             "clip": (B, D) float32 unit-norm  (with a CLIP cache only)}}
 
 The data objects know nothing of models: the tokenizer is any callable
 ``tokenizer(captions) -> (tokens, mask)`` with an int attribute ``truncated``, passed in (Hydra
@@ -11,6 +12,8 @@ Tokenizing happens in the main process, on each batch's captions: the tokenizer'
 count then lives in one object and is exact (a copy in each worker would count in vain), and
 tokenizing a batch of captions costs far less than a GLIDE step. Workers do the heavy part:
 decoding, trimming, cropping, resizing, and they send uint8 images (4x less to copy than float).
+With a CLIP cache (``dataloaders.clip_cache``, see ``dataloaders.clip_cache``) workers also read each
+sample's cached embedding; the main process encodes the misses, so the CLIP model lives in one process.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -35,6 +38,7 @@ from dataloaders.caption_preprocess import (
     mix_seed,
     pick_caption,
 )
+from dataloaders.clip_cache import ClipCache, ClipFound, FolderLookup, stack_found
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,12 @@ class CaptionLoader:
     ``uncond_p`` (classifier-free guidance), tokenizes, moves to ``device`` and logs the epoch's
     counts at its end. Every random choice is a function of (seed, epoch), so ``set_epoch`` resumes.
     With ``stop_at_length`` (resampled streams, which never end) an epoch is ``length`` batches.
+    With ``clip`` (a CLIP cache) it adds ``cond["clip"]``, encoding what the cache lacks (``clip_miss``).
     """
 
     def __init__(self, chunks: Callable[[int], Iterable[dict]], length: int, batch_size: int,
                  tokenizer: Tokenizer, device: torch.device, seed: int, uncond_p: float, name: str,
-                 stop_at_length: bool = False):  # fmt: skip
+                 stop_at_length: bool = False, clip: ClipCache | None = None):  # fmt: skip
         self.chunks = chunks
         self.length = length
         self.batch_size = batch_size
@@ -93,6 +98,7 @@ class CaptionLoader:
         self.uncond_p = uncond_p
         self.name = name
         self.stop_at_length = stop_at_length
+        self.clip = clip
         self.epoch = 0
         self.stats: Counter = Counter()
 
@@ -121,7 +127,11 @@ class CaptionLoader:
             cond = {"tokens": self._to_device(tokens), "mask": self._to_device(mask)}
             if chunk["low_res"] is not None:
                 cond["low_res"] = _to_model_range(self._to_device(chunk["low_res"]))
-            yield {"x1": _to_model_range(self._to_device(chunk["images"])), "cond": cond}
+            x1 = _to_model_range(self._to_device(chunk["images"]))
+            if self.clip is not None:
+                cond["clip"], misses = self.clip.fill(chunk["clip"], x1)
+                self.stats["clip_miss"] += misses
+            yield {"x1": x1, "cond": cond}
             n += 1
             if self.stop_at_length and n >= self.length:
                 break
@@ -134,23 +144,50 @@ class CaptionLoader:
 
     def describe(self) -> str:
         skipped = ", ".join(f"{k} {self.stats[k]}" for k in SKIP_REASONS if self.stats[k])
+        clip = "" if self.clip is None else f", CLIP cache misses {self.stats['clip_miss']}"
         return (
             f"read {self.stats['seen']}, skipped ({skipped or 'none'}), "
             f"upscaled {self.stats['upscaled']}, empty captions {self.stats['empty_caption']}, "
-            f"truncated captions {self.stats['truncated']}"
+            f"truncated captions {self.stats['truncated']}{clip}"
         )
+
+
+def eval_batch(data: EvalData, found: list[ClipFound] | None, device: torch.device) -> dict:
+    """The held-out pairs as one batch of the batch contract (tokens of ``eval_captions``; with a CLIP
+    cache, ``found`` holds what it has for each pair and misses are encoded or refused per ``on_miss``)."""
+    truncated = data.tokenizer.truncated
+    tokens, mask = data.tokenizer(data.eval_captions)
+    data.tokenizer.truncated = truncated  # held-out captions stay out of the training epochs' counts
+    x1 = data.eval_set.to(device)
+    cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
+    if data.eval_low_res is not None:
+        cond["low_res"] = data.eval_low_res.to(device)
+    if data.clip_cache is not None and found is not None:
+        cond["clip"], _ = data.clip_cache.fill(stack_found(found), x1)
+    return {"x1": x1, "cond": cond}
+
+
+class EvalData(Protocol):
+    tokenizer: Tokenizer
+    eval_set: Tensor
+    eval_low_res: Tensor | None
+    eval_captions: list[str]
+    clip_cache: ClipCache | None
 
 
 class CaptionPairs(Dataset):
     """(image path, caption text) pairs → records; a corrupt image is counted and replaced by the next.
 
-    ``rng_seed`` makes each item's crop and caption line a function of (seed, epoch, index).
+    ``rng_seed`` makes each item's crop and caption line a function of (seed, epoch, index);
+    ``clip`` adds each image's cached CLIP embedding (``record["clip"]``).
     """
 
-    def __init__(self, pairs: list[tuple[Path, str]], preprocess: Preprocess, rng_seed: int):
+    def __init__(self, pairs: list[tuple[Path, str]], preprocess: Preprocess, rng_seed: int,
+                 clip: FolderLookup | None = None):  # fmt: skip
         self.pairs = pairs
         self.preprocess = preprocess
         self.rng_seed = rng_seed
+        self.clip = clip
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -171,7 +208,10 @@ class CaptionPairs(Dataset):
             caption = pick_caption(text, rng)
             counts["upscaled"] += int(upscaled)
             counts["empty_caption"] += int(not caption)
-            return {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+            record: dict[str, Any] = {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+            if self.clip is not None:
+                record["clip"] = self.clip(path, pick_caption(text, None))
+            return record
         raise ValueError(f"every image of the {len(self.pairs)} pairs failed to decode; check the files")
 
 
@@ -203,6 +243,7 @@ class CaptionFolderData:
     counted (``counts["empty_caption"]``) and kept. ``num_eval`` pairs chosen with ``seed`` are
     held out: ``eval_set`` (centre crops in [-1, 1]), ``eval_captions`` (first lines) and, for an
     upsampler, ``eval_low_res``. ``test_run=N`` trains on only the first N remaining pairs.
+    ``clip_cache``: CLIP embeddings from ``name.clip`` files beside the images (batches gain ``cond["clip"]``).
     """
 
     def __init__(
@@ -222,6 +263,7 @@ class CaptionFolderData:
         trim_threshold: int = 245,
         test_run: int | None = None,
         seed: int = 0,
+        clip_cache: ClipCache | None = None,
     ):
         check_rgb_unlabelled(channels, num_classes)
         path = Path(root).expanduser()
@@ -262,11 +304,13 @@ class CaptionFolderData:
         self.uncond_p = uncond_p
         self.seed = seed
         self.root = root
+        self.clip_cache = clip_cache
+        self.clip_lookup = None if clip_cache is None else clip_cache.folder_lookup(root, pairs)
 
     def _hold_out(self, pairs: list[tuple[Path, str]]) -> None:
         """Centre crops and first caption lines of the held-out pairs; corrupt images are left out."""
         centred, rng = self.preprocess.centred(), random.Random(0)
-        images, lows, self.eval_captions = [], [], []
+        images, lows, self.eval_captions, self.eval_paths = [], [], [], []
         for path, text in pairs:
             try:
                 image = load_image(path)
@@ -277,10 +321,17 @@ class CaptionFolderData:
             images.append(x)
             lows.append(low_res)
             self.eval_captions.append(pick_caption(text, None))
+            self.eval_paths.append(path)
         size = self.preprocess.image_size
         stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
         self.eval_set = _to_model_range(stacked)  # (n_eval, 3, S, S) in [-1, 1]
         self.eval_low_res = _to_model_range(torch.stack(lows)) if images and lows[0] is not None else None  # type: ignore[arg-type]
+
+    def eval_batch(self, device: torch.device) -> dict:
+        """The held-out pairs as one batch: ``{"x1": eval_set, "cond": {"tokens", "mask", ["low_res"], ["clip"]}}``."""
+        lookup, pairs = self.clip_lookup, zip(self.eval_paths, self.eval_captions, strict=True)
+        found = None if lookup is None else [lookup(path, caption) for path, caption in pairs]
+        return eval_batch(self, found, device)
 
     def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
         """``batch_size`` is the global batch: under torch.distributed each rank loads its slice."""
@@ -292,11 +343,12 @@ class CaptionFolderData:
             epoch_seed = mix_seed(run_seed, epoch)
             perm = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
             return DataLoader(
-                CaptionPairs(self.train_pairs, self.preprocess, rng_seed=epoch_seed),
+                CaptionPairs(self.train_pairs, self.preprocess, rng_seed=epoch_seed, clip=self.clip_lookup),
                 batch_sampler=[perm[i * b : (i + 1) * b][shard] for i in range(length)],
                 generator=torch.Generator().manual_seed(mix_seed(epoch_seed, rank)), num_workers=self.num_workers,
                 collate_fn=collate_records, pin_memory=device.type == "cuda", persistent_workers=False,
             )  # fmt: skip
 
         return CaptionLoader(chunks, length, shard.stop - shard.start, self.tokenizer, device,
-                             rank_seed(run_seed, rank), self.uncond_p, name=f"captions {self.root}")  # fmt: skip
+                             rank_seed(run_seed, rank), self.uncond_p, name=f"captions {self.root}",
+                             clip=self.clip_cache)  # fmt: skip

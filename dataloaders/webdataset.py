@@ -17,6 +17,9 @@ epoch, shard, key). Epoch ``e`` is the same stream for a given ``num_workers``, 
 resumes. With ``resampled`` each worker draws shards with replacement, forever, and an epoch is
 ``len(loader)`` batches: shards x ``wds_tar_size`` // batch_size (only an estimate otherwise,
 for progress bars, as tar files do not say how many samples they hold).
+
+With a CLIP cache (``clip_cache``) each worker reads a shard's cached embeddings when it opens the
+shard (``<dir>/<model>/<shard stem>.safetensors``) and sends them along with the images.
 """
 
 from __future__ import annotations
@@ -40,7 +43,16 @@ from webdataset.utils import pytorch_worker_info
 
 from dataloaders.base import process_shard, rank_slice
 from dataloaders.caption_preprocess import DECODE_ERRORS, Preprocess, load_image, make_chunk, mix_seed, pick_caption
-from dataloaders.captions import CaptionLoader, Tokenizer, _check, _to_model_range, check_rgb_unlabelled, rank_seed
+from dataloaders.captions import (
+    CaptionLoader,
+    Tokenizer,
+    _check,
+    _to_model_range,
+    check_rgb_unlabelled,
+    eval_batch,
+    rank_seed,
+)
+from dataloaders.clip_cache import ClipCache, ClipFound, ShardLookup
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +156,10 @@ class SampleReader:
     def __call__(self, sample: dict, rng: random.Random | None) -> dict | str:
         return self.check(sample) or self.decode(sample, rng)
 
+    def first_caption(self, sample: dict) -> str:
+        """The caption file's first line: what a CLIP cache holds the text embedding of."""
+        return pick_caption(sample[self.caption_key].decode("utf-8", errors="replace"), None)
+
 
 # a worker stops after this many corrupt images in a row (a resampled stream would never end)
 MAX_CORRUPT_IN_A_ROW = 1000
@@ -151,10 +167,11 @@ MAX_CORRUPT_IN_A_ROW = 1000
 
 class ShardStream(IterableDataset):
     """The worker side of one epoch: shards → samples → checks → shuffle buffer → records → chunks
-    with counts."""
+    with counts (and, with ``clip``, each sample's cached CLIP embedding)."""
 
     def __init__(self, shards: list[str], reader: SampleReader, batch_size: int, epoch_seed: int, resampled: bool,
-                 shuffle_buffer: int, limit: int | None, exclude: frozenset[tuple[str, str]]):  # fmt: skip
+                 shuffle_buffer: int, limit: int | None, exclude: frozenset[tuple[str, str]],
+                 clip: ShardLookup | None = None):  # fmt: skip
         self.shards = shards
         self.reader = reader
         self.batch_size = batch_size
@@ -163,6 +180,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.limit = limit  # test_run: at most this many samples in all (one shard, so one worker reads)
         self.exclude = exclude  # (shard, key) of the held-out samples
+        self.clip = clip
 
     def _urls(self, rank: int, world: int, worker: int, workers: int, passed: Counter) -> Iterator[dict]:
         if not self.resampled:
@@ -205,6 +223,8 @@ class ShardStream(IterableDataset):
                 continue
             corrupt_in_a_row = 0
             counts.update(record["counts"])
+            if self.clip is not None:
+                record["clip"] = self.clip(sample["__url__"], sample["__key__"], self.reader.first_caption(sample))
             yield record
 
     def __iter__(self) -> Iterator[dict]:
@@ -224,16 +244,20 @@ class ShardStream(IterableDataset):
         images: list[Tensor] = []
         low_res: list[Tensor | None] = []
         captions: list[str] = []
+        found: list[ClipFound] | None = None if self.clip is None else []
         for record in islice(self._decoded(samples, counts), self.limit):
             images.append(record["image"])
             low_res.append(record["low_res"])
             captions.append(record["caption"])
+            if found is not None:
+                found.append(record["clip"])
             if len(images) == self.batch_size:
-                yield make_chunk(images, low_res, captions, counts, tuple(images[0].shape))
+                yield make_chunk(images, low_res, captions, counts, tuple(images[0].shape), found)
                 images, low_res, captions = [], [], []
+                found = None if found is None else []
                 counts.clear()
         shape = (3, self.reader.preprocess.image_size, self.reader.preprocess.image_size)
-        yield make_chunk(images, low_res, captions, counts, shape)  # the tail: counts, maybe images
+        yield make_chunk(images, low_res, captions, counts, shape, found)  # the tail: counts, maybe images
 
 
 class WebDatasetData:
@@ -244,6 +268,7 @@ class WebDatasetData:
     custom data set has no such metadata). ``eval_set``/``eval_captions`` (and ``eval_low_res``
     for an upsampler) are the first ``num_eval`` usable samples of the first shard, centre-cropped;
     they are left out of training. ``test_run=N``: train on the first N samples of the first shard.
+    ``clip_cache``: CLIP embeddings from a shard cache (batches gain ``cond["clip"]``).
     """
 
     def __init__(
@@ -276,6 +301,7 @@ class WebDatasetData:
         trim_threshold: int = 245,
         test_run: int | None = None,
         seed: int = 0,
+        clip_cache: ClipCache | None = None,
     ):
         check_rgb_unlabelled(channels, num_classes)
         self.shards = resolve_shards(urls)
@@ -289,6 +315,8 @@ class WebDatasetData:
         )  # fmt: skip
         preprocess = Preprocess(image_size, low_res_size, min_crop_scale, crop_jitter, trim_threshold)
         self.reader = SampleReader(tuple(image_key.split(";")), caption_key, metadata_key, laion_filter, preprocess)
+        self.clip_cache = clip_cache
+        self.clip_lookup = None if clip_cache is None else clip_cache.shard_lookup(urls, self.shards)
         self._take_eval(num_eval)
         self.shape: tuple[int, ...] = (3, image_size, image_size)
         self.num_classes = 0
@@ -327,6 +355,14 @@ class WebDatasetData:
             else None
         )
         self.eval_keys = frozenset(keys)
+        self.eval_order = keys  # (shard, key) of eval_set's rows
+
+    def eval_batch(self, device: torch.device) -> dict:
+        """The held-out samples as one batch: ``{"x1": eval_set, "cond": {"tokens", "mask", ["low_res"],
+        ["clip"]}}`` (eval_captions are first lines, what a CLIP cache holds)."""
+        lookup, pairs = self.clip_lookup, zip(self.eval_order, self.eval_captions, strict=True)
+        found = None if lookup is None else [lookup(url, key, caption) for (url, key), caption in pairs]
+        return eval_batch(self, found, device)
 
     def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
         """``batch_size`` is the global batch: each of N ranks reads its own shards (dealt by
@@ -344,9 +380,10 @@ class WebDatasetData:
 
         def chunks(epoch: int) -> DataLoader:
             stream = ShardStream(shards, self.reader, per_rank, mix_seed(run_seed, epoch), self.resampled,
-                                 self.shuffle_buffer, self.test_run, self.eval_keys)  # fmt: skip
+                                 self.shuffle_buffer, self.test_run, self.eval_keys, self.clip_lookup)  # fmt: skip
             return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                               pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
 
         return CaptionLoader(chunks, self.length, per_rank, self.tokenizer, device, rank_seed(run_seed, rank),
-                             self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled)  # fmt: skip
+                             self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled,
+                             clip=self.clip_cache)  # fmt: skip
