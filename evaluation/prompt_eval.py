@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,19 @@ Tokenizer = Callable[[list[str]], tuple[Tensor, Tensor]]
 Sampler = Callable[..., Tensor]
 
 
+class ClipTextEncoder(Protocol):
+    def encode_text(self, captions: list[str]) -> Tensor: ...
+
+
 class PromptGridEval:
     """Samples ``samples_per_prompt`` images for each prompt and writes them as one grid.
 
     ``prompts`` (a list) or ``prompts_file`` (one per line) name what to draw; ``tokenizer`` is the
     data's; ``solver`` is a diffusion sampler called as ``solver(model, noise, cond, guidance_scale,
-    generator)``. ``low_res_size`` makes the evaluation an upsampler's.
+    generator)``. ``low_res_size`` makes the evaluation an upsampler's. ``clip_encoder`` (anything
+    with ``encode_text(prompts) -> (N, D)``, e.g. ``adapters.clip_encoder.FrozenClip``) adds the
+    prompts' CLIP embeddings as ``cond["clip"]``, for models with a CLIP adapter; guidance then acts
+    on the text, with the CLIP embedding in both halves.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class PromptGridEval:
         every_steps: int = 0,
         grid_dir: str | None = None,
         clip: CLIPScore | None = None,
+        clip_encoder: ClipTextEncoder | None = None,
     ):
         if prompts_file:
             prompts = read_prompts(Path(prompts_file))
@@ -66,6 +74,7 @@ class PromptGridEval:
         self.every_steps = every_steps
         self.grid_dir = Path(grid_dir) if grid_dir else None
         self.clip = clip
+        self.clip_encoder = clip_encoder
 
     def prepare(self, device: torch.device) -> None:
         """Nothing to load ahead: the CLIP scorer, if any, was built with the config."""
@@ -93,6 +102,8 @@ class PromptGridEval:
         captions: list[str] | None = None,
     ) -> dict[str, float]:
         prompts, cond = self._conditioning(reference, captions, device)
+        if self.clip_encoder is not None:
+            cond["clip"] = self.clip_encoder.encode_text(prompts).to(device)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(len(prompts), 3, self.image_size, self.image_size, generator=g).to(device)
         was_training = model.training

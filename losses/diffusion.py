@@ -52,15 +52,30 @@ class DiffusionLoss(Loss):
         self.uncond_p = uncond_p
 
     def __call__(self, model: nn.Module, batch: dict) -> LossOutput:
+        x_start, x_t, t, noise, cond = self.noised(batch)
+        return self.objective(self.predict(model, x_t, t, cond), x_start, x_t, t, noise)
+
+    def noised(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor] | None]:
+        """(x_start, x_t, t, noise, cond): a random timestep per row, its noised image, and the
+        conditioning with the text of a share ``uncond_p`` of the rows dropped."""
         x_start = batch["x1"].float()
         cond = drop_condition(batch.get("cond"), self.uncond_p)
         t = torch.randint(0, len(self.schedule), (len(x_start),), device=x_start.device)
         noise = torch.randn_like(x_start)
-        x_t = self.schedule.q_sample(x_start, t, noise)
-        out = model(x_t, t.float(), None, cond).float()  # (B, 2C, H, W), float32 even under autocast
+        return x_start, self.schedule.q_sample(x_start, t, noise), t, noise, cond
+
+    def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
+        """The model's (B, 2C, H, W) output, float32 even under autocast."""
+        out = model(x_t, t.float(), None, cond).float()
+        if out.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(
+                f"model must return eps and variance values ({2 * x_t.shape[1]} channels), got {out.shape[1]}"
+            )
+        return out
+
+    def objective(self, out: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> LossOutput:
+        """eps-MSE, plus the bound on the variance for ``hybrid``."""
         channels = x_start.shape[1]
-        if out.shape[1] != 2 * channels:
-            raise ValueError(f"model must return eps and variance values ({2 * channels} channels), got {out.shape[1]}")
         eps, var_values = out[:, :channels], out[:, channels:]
         mse = mean_flat((noise - eps) ** 2)
         metrics = {"diffusion/mse": mse.mean().detach()}
