@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from models.glide_clip import GlideClipUNet
 from torch import Tensor, nn
 
 from losses.clip_adapter_kl import without_clip
 from losses.diffusion import DiffusionLoss
+from models.glide_clip import GlideClipUNet
 from training.callbacks import Callback
 
 log = logging.getLogger(__name__)

@@ -44,12 +44,13 @@ class ClipAdapterKLLoss(DiffusionLoss):
         self.kl_weight = kl_weight
 
     def __call__(self, model: nn.Module, batch: dict) -> LossOutput:
-        x_start, x_t, t, noise, cond = self.noised(batch)
-        if cond is None or "clip" not in cond:
+        if "clip" not in (batch.get("cond") or {}):
             raise ValueError(
                 "loss=clip_adapter_kl needs CLIP embeddings in every batch (cond['clip']); "
                 "configure dataloaders.clip_cache (see scripts/precompute_clip.py)"
             )
+        x_start, x_t, t, noise, cond = self.noised(batch)
+        assert cond is not None
         rng = _rng_states(x_t.device)
         out = self.predict(model, x_t, t, cond)
         result = self.objective(out, x_start, x_t, t, noise)

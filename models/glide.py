@@ -445,9 +445,13 @@ class GlideUNet(nn.Module):
                 f"GLIDE checkpoint {source} is not a bare state dict of tensors (a training checkpoint?); pass "
                 "OpenAI's base.pt/upsample.pt or a file written by torch.save(model.state_dict())"
             )
-        if problem := state_dict_mismatch(self.state_dict(), state, self.super_res):
+        if problem := state_dict_mismatch(self.base_state_dict(), state, self.super_res):
             raise ValueError(f"GLIDE checkpoint {source} does not fit this model: {problem}")
-        self.load_state_dict(state)
+        self.load_state_dict(state, strict=False)  # the keys were checked above: all of GLIDE's, nothing else
+
+    def base_state_dict(self) -> dict[str, Tensor]:
+        """GLIDE's own tensors, what a released checkpoint holds (a subclass adds keys of its own)."""
+        return self.state_dict()
 
     def text_encoder_parameters(self) -> Iterator[nn.Parameter]:
         """The transformer, its token/position/padding tables, final norm and projection; for a separate

@@ -273,6 +273,9 @@ class GlideClipUNet(GlideUNet):
 
     # ----------------------------------------------------------------------- adapter-only checkpoints
 
+    def base_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not is_adapter_key(k)}
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """The adapter's tensors (``clip_adapter.*`` with the step buffer, ``*.clip_attention.*``)."""
         return {k: v for k, v in self.state_dict().items() if is_adapter_key(k)}
@@ -331,19 +334,7 @@ class GlideClipUNet(GlideUNet):
         model, adapter shape, base architecture and base weights (fingerprint). Each mismatch is a one-line
         ``ValueError`` naming it and the fix; a missing file a one-line ``FileNotFoundError``."""
         path = Path(path).expanduser()
-        meta_path = path.with_suffix(".json")
-        if not path.is_file():
-            raise FileNotFoundError(f"CLIP adapter {path} does not exist; pass a .safetensors written by save_adapter")
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"CLIP adapter {path} has no description {meta_path.name} beside it; save_adapter writes both files"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"CLIP adapter description {meta_path} is not valid JSON ({err.msg})") from err
-        if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-            raise ValueError(f"{meta_path} is not a CLIP adapter description (no format {ADAPTER_FORMAT!r})")
+        meta = read_adapter_description(path)
         if problem := self.adapter_mismatch(meta):
             raise ValueError(f"CLIP adapter {path} does not fit this model: {problem}")
         try:
@@ -384,6 +375,25 @@ class GlideClipUNet(GlideUNet):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def read_adapter_description(path: Path) -> dict[str, Any]:
+    """The JSON ``save_adapter`` wrote beside ``path``; missing or foreign files are one-line errors."""
+    path = Path(path).expanduser()
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP adapter {path} does not exist; pass a .safetensors written by save_adapter")
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"CLIP adapter {path} has no description {meta_path.name} beside it; save_adapter writes both files"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"CLIP adapter description {meta_path} is not valid JSON ({err.msg})") from err
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{meta_path} is not a CLIP adapter description (no format {ADAPTER_FORMAT!r})")
+    return meta
 
 
 def base_architecture(options: dict[str, Any]) -> dict[str, Any]:

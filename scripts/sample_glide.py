@@ -9,6 +9,14 @@ checkpoint of a fine-tuning run (its EMA weights). Each prompt of the file (one 
 ``--samples`` images; the grid (one row per prompt) goes to ``--out``, the single images beside it.
 The upsampler sees the base samples quantised to 8 bits, as GLIDE feeds it, and samples with its
 noise scaled by ``--upsample-temp`` (GLIDE's 0.997).
+
+A base with a CLIP adapter (a ``glide_clip_phase*`` run's checkpoint, or ``--adapter`` an adapter file
+put on the base weights it was trained on) is conditioned on the CLIP embedding of each prompt, or of
+``--clip-image`` (image-conditioned use), from the open_clip model the adapter names with
+``--clip-pretrained`` weights:
+
+    python scripts/sample_glide.py --prompts prompts.txt --base base.pt --vocab-dir /models/glide \
+        --adapter outputs/ckpts/glide_base_clip/clip2/last.adapter_ema.safetensors --clip-pretrained openai
 """
 
 from __future__ import annotations
@@ -19,13 +27,17 @@ import sys
 from pathlib import Path
 
 import torch
+import torchvision.transforms.functional as TF
 from hydra.utils import instantiate
+from PIL import Image
 from torch import Tensor
 from torchvision.utils import save_image
 
+from adapters.clip_encoder import FrozenClip
 from evaluation.clip_score import read_prompts
 from evaluation.errors import EvaluationError
 from models.glide import GlideUNet
+from models.glide_clip import GlideClipUNet, read_adapter_description
 from models.glide_tokenizer import GlideTokenizer
 from solvers.diffusion import DiffusionSampler
 from training.checkpoint import FORMAT, check_state
@@ -38,18 +50,27 @@ log = logging.getLogger("sample_glide")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a")
 
 
-def load_glide(path: Path, which: str, device: torch.device) -> GlideUNet:
-    """OpenAI's released weights (a bare state dict) or a DenoisingZoo checkpoint."""
+def load_glide(path: Path, which: str, device: torch.device, adapter: Path | None = None) -> GlideUNet:
+    """OpenAI's released weights (a bare state dict) or a DenoisingZoo checkpoint; with ``adapter``, the
+    bare base weights carry that CLIP adapter (the model built as the adapter's description says)."""
     if not path.is_file():
         raise UserError(f"--{which}: no file {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)  # read once: released files are 1.5 GB
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        if adapter is not None:
+            raise UserError(f"--adapter goes with bare base weights; the checkpoint {path} already holds its model")
         model = model_from_state(check_state(state, path, f"--{which} checkpoint"), path)
     else:
-        model = instantiate(compose_config([f"model=glide_{which}", "model.from_scratch=true"]).model)
         try:
-            model.load_weights(state, str(path))
-        except ValueError as e:
+            if adapter is None:
+                model = instantiate(compose_config([f"model=glide_{which}", "model.from_scratch=true"]).model)
+                model.load_weights(state, str(path))
+            else:
+                model = adapter_model(adapter)
+                model.load_weights(state, str(path))
+                model.base_source = str(path)
+                model.load_adapter(adapter)
+        except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
     if not isinstance(model, GlideUNet) or model.super_res != (which == "upsample"):
         found = (
@@ -59,6 +80,32 @@ def load_glide(path: Path, which: str, device: torch.device) -> GlideUNet:
         )
         raise UserError(f"--{which} {path} holds {found}; pass the GLIDE {which} model there")
     return model.to(device).eval()
+
+
+def adapter_model(adapter: Path) -> GlideClipUNet:
+    """A GLIDE base with a fresh CLIP adapter shaped as ``adapter``'s description says (base architecture,
+    CLIP model, tokens), ready for the base weights and then the adapter file."""
+    meta = read_adapter_description(adapter)
+    options = dict(meta["base"]["architecture"])
+    options["channel_mult"] = ",".join(map(str, options["channel_mult"]))
+    options["attention_resolutions"] = ",".join(map(str, options["attention_resolutions"]))
+    return GlideClipUNet(
+        from_scratch=True, clip_model_name=meta["clip"]["model_name"], adapter_tokens=meta["adapter"]["tokens"],
+        adapter_hidden=meta["adapter"]["hidden"], gate_max=meta["adapter"]["gate_max"],
+        adapter_warmup_steps=meta["adapter"]["warmup_steps"], **options,
+    )  # fmt: skip
+
+
+def clip_condition(model: GlideClipUNet, args: argparse.Namespace, prompts: list[str]) -> Tensor:
+    """(N, D) CLIP embeddings of the prompts, or of ``--clip-image`` for every sample."""
+    clip = FrozenClip(model.clip_model_name, args.clip_pretrained, device=args.device)
+    if args.clip_image is None:
+        return clip.encode_text(prompts)
+    if not args.clip_image.is_file():
+        raise UserError(f"--clip-image: no file {args.clip_image}")
+    with Image.open(args.clip_image) as image:
+        pixels = TF.pil_to_tensor(image.convert("RGB")).float() / 127.5 - 1
+    return clip.encode_image(pixels[None]).expand(len(prompts), -1)
 
 
 def quantise(images: Tensor) -> Tensor:
@@ -74,6 +121,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--vocab-dir", help="folder with GLIDE's encoder.json/vocab.bpe or GPT-2's vocab.json/merges.txt"
     )
+    parser.add_argument(
+        "--adapter", type=Path, help="a CLIP adapter file (*.adapter.safetensors) for bare --base weights"
+    )
+    parser.add_argument("--clip-pretrained", default="openai", help="the adapter's CLIP weights: open_clip tag or file")
+    parser.add_argument("--clip-image", type=Path, help="condition the adapter on this image's CLIP embedding")
     parser.add_argument("--samples", type=int, default=4, help="images per prompt")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--base-sampler", default="ddpm", choices=SAMPLERS)
@@ -91,14 +143,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Tensor:
     device = torch.device(args.device)
     prompts = [p for p in read_prompts(args.prompts) for _ in range(args.samples)]
-    base = load_glide(args.base, "base", device)
+    base = load_glide(args.base, "base", device, args.adapter)
     tokens, mask = GlideTokenizer(args.vocab_dir, text_ctx=base.text_ctx)(prompts)
     cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
+    base_cond = (
+        {**cond, "clip": clip_condition(base, args, prompts).to(device)} if isinstance(base, GlideClipUNet) else cond
+    )
     g = torch.Generator().manual_seed(args.seed)
     size = base.image_size
     noise = torch.randn(len(prompts), 3, size, size, generator=g).to(device)
     sampler = DiffusionSampler(args.base_sampler, args.base_respacing, noise_schedule="squaredcos_cap_v2")
-    images = sampler(base, noise, cond, args.guidance_scale, torch.Generator(device).manual_seed(args.seed))
+    images = sampler(base, noise, base_cond, args.guidance_scale, torch.Generator(device).manual_seed(args.seed))
     del base
     if args.upsample is not None:
         upsampler = load_glide(args.upsample, "upsample", device)

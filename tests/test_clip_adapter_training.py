@@ -22,6 +22,7 @@ from adapters.clip_encoder import FrozenClip
 from dataloaders.clip_cache import CacheInfo, clip_path, stored_pretrained, write_clip_file
 from models.glide import GlideUNet
 from models.glide_clip import GlideClipUNet
+from scripts import sample_glide
 from tests.clip_helpers import register_tiny_clip, tiny_clip_weights
 from tests.conftest import GLIDE_DATA
 from training import train as train_module
@@ -324,3 +325,31 @@ def test_bad_adapter_setups_are_one_line_errors(make_cfg, patches, clip_model, b
         train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "param_groups=[{pattern: 'x', lr: 1}]"))
     with pytest.raises(UserError, match="needs CLIP embeddings in every batch"):
         train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "dataloaders.clip_cache=null", "max_steps=1"))
+
+
+def test_prompt_grids_and_sampling_condition_on_clip(make_cfg, patches, clip_model, base_weights, tmp_path) -> None:
+    """Grids during training encode their prompts with CLIP; sample_glide.py puts an adapter file on bare
+    base weights, conditions on prompts or an image, and refuses a base the adapter was not trained on."""
+    name, weights = clip_model
+    encoder = f"{{_target_: adapters.clip_encoder.FrozenClip, model_name: {name}, pretrained: '{weights}'}}"
+    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=4", "eval.every_steps=2",
+                      f"eval.clip_encoder={encoder}", "eval.prompts=[a patch]")  # fmt: skip
+    _, objects = train(cfg)
+    grids = sorted(p.name for p in (tmp_path / "run" / "grids").iterdir())
+    assert grids == ["grid_final.png", "grid_step0000002.png", "grid_step0000004.png"]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a patch\n")
+    adapter = objects["checkpoint"].parent / "last.adapter_ema.safetensors"
+    out = tmp_path / "samples" / "grid.png"
+    argv = ["--prompts", str(prompts), "--base", str(base_weights), "--adapter", str(adapter), "--clip-pretrained",
+            str(weights), "--vocab-dir", str(GLIDE_DATA), "--samples", "2", "--base-respacing", "4",
+            "--out", str(out)]  # fmt: skip
+    assert sample_glide.main(argv) == 0
+    assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    assert sample_glide.main([*argv, "--clip-image", str(patches / "000.png")]) == 0
+    other = tmp_path / "other_base.pt"
+    torch.save(GlideUNet(**TINY_KW, from_scratch=True).state_dict(), other)
+    wrong = argv.copy()
+    wrong[wrong.index("--base") + 1] = str(other)
+    assert sample_glide.main(wrong) == 2

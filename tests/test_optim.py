@@ -68,3 +68,29 @@ def test_checkpoints_and_evaluation_every_n_steps_mid_epoch(make_cfg, monkeypatc
     monkeypatch.setattr(train_module, "save_checkpoint", record)
     train(make_cfg("epochs=1", "max_steps=5", "checkpoint.every_steps=3", "run_name=mid", "eval.every_steps=0"))
     assert saved[0] == (3, 3)  # mid-epoch: a resume starts on batch 4
+
+
+def test_a_group_with_its_own_grad_clip_is_clipped_and_logged_on_its_own(make_cfg, monkeypatch) -> None:
+    """Per-group clipping is generic: a param_groups rule may set ``grad_clip`` (and a ``name`` for the log)."""
+    rows: list[dict[str, float]] = []
+
+    class Recorder:
+        def log(self, metrics: dict[str, float], step: int) -> None:
+            rows.append(dict(metrics))
+
+        def finish(self) -> None:
+            pass
+
+    monkeypatch.setattr(train_module, "make_tracker", lambda *a, **k: Recorder())
+    cfg = make_cfg("max_steps=4", "trainer.log_every=2", "trainer.grad_clip=null",
+                   "param_groups=[{pattern: '^net\\.0\\.', grad_clip: 1e-6, name: first}]")  # fmt: skip
+    _, objects = train(cfg)
+    assert [g["name"] for g in objects["trainer"].optimizer.param_groups[:1]] == ["first"]
+    logged = [r for r in rows if "train/loss" in r][-1]
+    assert logged["train/grad_norm_post_clip/first"] == pytest.approx(1e-6)
+    assert logged["train/grad_norm_pre_clip/first"] > 1e-6
+    rest = logged["train/grad_norm_pre_clip/group1"]  # no grad_clip of its own: trainer.grad_clip (null), measured
+    assert logged["train/grad_norm_post_clip/group1"] == rest
+    assert logged["train/grad_norm_pre_clip"] == pytest.approx(
+        (logged["train/grad_norm_pre_clip/first"] ** 2 + rest**2) ** 0.5
+    )

@@ -2,8 +2,9 @@
 
 ``param_groups`` rules match parameter names with regular expressions: the first rule a
 parameter's name matches decides it. A rule either freezes the parameters (``freeze: true``:
-``requires_grad=False``, no optimizer state) or sets their options (``lr``, ``weight_decay``);
-the rest train with the optimizer's defaults. GLIDE fine-tuning uses this to give the text
+``requires_grad=False``, no optimizer state) or sets their options (``lr``, ``weight_decay``, and the
+trainer's ``grad_clip`` and ``name``: a group clipped to its own norm, logged under its name); the
+rest train with the optimizer's defaults. GLIDE fine-tuning uses this to give the text
 encoder its own learning rate or to freeze it.
 """
 
