@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from adapters.clip_encoder import FrozenClip
+from adapters.clip_training import ClipAdapterTraining
 from dataloaders.clip_cache import CacheInfo, clip_path, stored_pretrained, write_clip_file
 from models.glide import GlideUNet
 from models.glide_clip import GlideClipUNet
@@ -85,7 +86,7 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory, patches: Path) -> Pat
         "experiment=glide_base_finetune", "model.from_scratch=true", *TINY_GLIDE, f"dataloaders.root={patches}",
         f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}", "dataloaders.image_size=16", "dataloaders.num_workers=0",
         "dataloaders.num_eval=8", "dataloaders.batch_size=8", "precision=fp32", "eval.every_epochs=0",
-        "eval.samples_per_prompt=1", "solver.respacing='4'", "epochs=30", "optimizer.lr=1e-3", "loss.uncond_p=0",
+        "eval.samples_per_prompt=1", "solver.respacing='4'", "epochs=15", "optimizer.lr=1e-3", "loss.uncond_p=0",
         "trainer.ema_decay=0", "lr_schedule=constant", "trainer.log_every=20", "checkpoint.archive_every_epochs=0",
     ])  # fmt: skip
     _, objects = train(cfg)
@@ -151,26 +152,29 @@ def band_losses(model, schedule, batch: dict, bands: list[tuple[int, int]]) -> l
     return out
 
 
-def test_the_adapter_learns_what_only_clip_knows_and_leaves_glide_unchanged(
+def test_the_adapter_lowers_the_loss_and_without_it_glide_is_unchanged(
     make_cfg, patches, clip_model, base_weights
 ) -> None:
-    """The captions say "a patch"; only the CLIP embedding says which colour. With GLIDE frozen (phase
-    adapter_gates), the adapter lowers the held-out loss in every noise band, and without the adapter the
-    model is the base model it started from, bit for bit.
+    """Captions say "a patch"; only the CLIP embedding names the colour. With GLIDE frozen (phase
+    adapter_gates, 100 steps), the adapter lowers the held-out loss in every noise band and by more than
+    5% overall, its output depends on the embedding it is given, and without the adapter the model is
+    the base model it started from, bit for bit.
 
-    How far the loss can fall is bounded by the data: the noisy image itself reveals a flat colour by
-    averaging its pixels at all but the highest noise levels, where eps-MSE weighs colour errors by
-    alpha_bar / (1 - alpha_bar) ~ 1e-3, so knowing the colour can remove only a small part of eps-MSE
-    (measured: 1-3% here, largest at low noise); the README gives the numbers."""
-    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=adapter_gates", "epochs=50",
-                      "adapter.adapter_lr=1e-2")  # fmt: skip
+    What the drop is made of: with flat patches the noisy image itself tells the colour (averaging its
+    pixels) at all but the highest noise levels, where eps-MSE weighs a colour error by
+    alpha_bar / (1 - alpha_bar) ~ 1e-3; an adapter given the same embedding for every image lowers the
+    loss as much (measured in the issue note), so here the drop is the adapter's added capacity, not the
+    colour. Eps-MSE moves little for a label-like condition; this test checks the machinery, the
+    README says what the loss can and cannot show."""
+    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=adapter_gates", "epochs=25",
+                      "adapter.adapter_lr=2e-2")  # fmt: skip
     _, objects = train(cfg)
     model: GlideClipUNet = objects["model"].eval()
     batch = objects["data"].eval_batch(torch.device("cpu"))
     bands = band_losses(model, objects["trainer"].loss_fn.schedule, batch, [(0, 250), (250, 750), (750, 1000)])
     for adapted, baseline in bands:
         assert adapted < baseline, bands
-    assert sum(a for a, _ in bands) < 0.99 * sum(b for _, b in bands), bands
+    assert sum(a for a, _ in bands) < 0.95 * sum(b for _, b in bands), bands
     # GLIDE without the adapter: exactly the base model it started from
     saved = torch.load(base_weights, weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
@@ -179,12 +183,25 @@ def test_the_adapter_learns_what_only_clip_knows_and_leaves_glide_unchanged(
     t = torch.tensor([10.0, 200.0, 500.0, 900.0])
     cond = {k: v[:4] for k, v in batch["cond"].items()}
     without = {k: v for k, v in cond.items() if k != "clip"}
+    other = {**cond, "clip": cond["clip"].roll(1, dims=0)}  # each image given another's embedding
     with torch.no_grad():
         assert torch.equal(model(x, t, None, without), base(x, t, None, without))
-        assert not torch.equal(model(x, t, None, cond), base(x, t, None, without))
+        adapted = model(x, t, None, cond)
+        assert not torch.equal(adapted, base(x, t, None, without))
+        assert (adapted - model(x, t, None, other)).abs().amax(dim=(1, 2, 3)).min() > 0
 
 
-def test_each_phase_trains_exactly_its_parameter_set(make_cfg, patches, clip_model, base_weights) -> None:
+def test_each_phase_trains_exactly_its_parameter_set(
+    make_cfg, patches, clip_model, base_weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts: list[dict[str, torch.Tensor]] = []
+    on_train_start = ClipAdapterTraining.on_train_start
+
+    def snapshot(self, trainer, data) -> None:  # the model as training starts, then the real hook
+        starts.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        on_train_start(self, trainer, data)
+
+    monkeypatch.setattr(ClipAdapterTraining, "on_train_start", snapshot)
     expected = {
         "adapter_only": ("adapter_mlp",),
         "adapter_gates": ("adapter_mlp", "clip_attention"),
@@ -193,8 +210,8 @@ def test_each_phase_trains_exactly_its_parameter_set(make_cfg, patches, clip_mod
     for phase, sets in expected.items():
         cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, f"adapter.phase={phase}", "max_steps=3",
                           f"run_name={phase}", "adapter.main_lr=1e-3")  # fmt: skip
-        start = GlideClipUNet(**{k: v for k, v in cfg.model.items() if k != "_target_"}).state_dict()
         _, objects = train(cfg)
+        start = starts[-1]
         model: GlideClipUNet = objects["model"]
         trained = {name for key in sets for name, _ in model.parameter_sets()[key]}
         after = model.state_dict()
