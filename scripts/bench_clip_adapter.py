@@ -16,9 +16,7 @@ one warm-up; peak memory is ``max_memory_allocated`` on CUDA, the process's peak
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -30,6 +28,7 @@ from losses.clip_adapter_kl import ClipAdapterKLLoss
 from losses.diffusion import DiffusionLoss
 from models.glide import GlideUNet
 from models.glide_clip import GlideClipUNet, is_adapter_key
+from training.benchmark import time_steps
 from training.compose import compose_config
 
 CLIP_MODELS = ("ViT-B-32", "ViT-L-14", "RN50")
@@ -50,7 +49,7 @@ def adapter_sizes() -> list[dict[str, Any]]:
 
 
 def batch(model: GlideUNet, size: int, device: torch.device) -> dict[str, Any]:
-    """Random 64x64 images and 20-token captions (a step's cost does not depend on the values)."""
+    """Random images and 20-token captions: a step's cost does not depend on the values."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50256, (size, model.text_ctx), generator=g)
     mask = torch.arange(model.text_ctx).expand(size, -1) < 20
@@ -79,30 +78,7 @@ def step_time(args: argparse.Namespace, phase: str | None) -> dict[str, Any]:
         g = torch.Generator().manual_seed(1)
         data["cond"]["clip"] = F.normalize(torch.randn(args.batch, model.clip_dim, generator=g), dim=-1).to(device)
     optimizer = torch.optim.AdamW(groups, lr=1e-5)
-    scaler = precision.grad_scaler_for(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        with precision.autocast_context(device):
-            loss = loss_fn(model, data).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        for group in optimizer.param_groups:
-            torch.nn.utils.clip_grad_norm_(group["params"], group["grad_clip"] or 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:
-            times.append(time.perf_counter() - start)
-    memory = (
-        torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    times, _, memory = time_steps(model, loss_fn, data, optimizer, precision, device, args.steps)
     trained = sum(p.numel() for g in groups for p in g["params"])
     del model, optimizer
     return {"phase": phase or "plain GLIDE (diffusion)", "trained": trained, "ms": 1000 * statistics.median(times),

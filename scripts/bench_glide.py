@@ -17,9 +17,7 @@ maximum over the whole process, so only the first CPU row's figure is that row's
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -27,6 +25,7 @@ from hydra.utils import instantiate
 
 from losses.diffusion import DiffusionLoss
 from models.glide import GlideUNet
+from training.benchmark import time_steps
 from training.compose import compose_config
 from training.optim import adamw8bit
 
@@ -58,35 +57,13 @@ def run(args: argparse.Namespace, precision_name: str, use_checkpoint: bool) -> 
     model = build(args.model, args.checkpoint, use_checkpoint, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw8bit(params, lr=1e-5) if args.optimizer == "adamw8bit" else torch.optim.AdamW(params, lr=1e-5)
-    scaler = precision.grad_scaler_for(device)
     loss_fn = DiffusionLoss(noise_schedule="linear" if args.model == "upsample" else "squaredcos_cap_v2")
-    data = batch(model, args.batch, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        with precision.autocast_context(device):
-            loss = loss_fn(model, data).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:  # the first step holds allocation and kernel selection
-            times.append(time.perf_counter() - start)
-    memory = (
-        torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    times, loss, memory = time_steps(model, loss_fn, batch(model, args.batch, device), optimizer, precision, device,
+                                     args.steps)  # fmt: skip
     n = sum(p.numel() for p in model.parameters())
     del model, optimizer
     return {"precision": precision_name, "checkpointing": use_checkpoint, "ms": 1000 * statistics.median(times),
-            "memory_mb": memory, "params": n, "loss": float(loss)}  # fmt: skip
+            "memory_mb": memory, "params": n, "loss": loss}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
