@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts.bench_eval import main
 
 
+@pytest.mark.slow  # a benchmark at a tiny size: 20-40 s of Inception passes, like the other benchmarks' smoke runs
 def test_tiny_run_measures_every_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = main(["--images", "4", "--repeats", "1", "--batch-size", "4", "--sample-batch", "4", "--out", str(out)])
