@@ -100,7 +100,7 @@ def adapter_cfg(make_cfg, patches: Path, clip_model: tuple[str, Path], base: Pat
     name, weights = clip_model
     return make_cfg(
         f"experiment=glide_clip_phase{phase}", *TINY_GLIDE, f"model.checkpoint={base}", f"model.clip_model_name={name}",
-        f"dataloaders.clip_cache.pretrained={weights}", "dataloaders.clip_cache.on_miss=error",
+        f"clip_pretrained={weights}", "dataloaders.clip_cache.on_miss=error",
         f"dataloaders.root={patches}", f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}", "dataloaders.image_size=16",
         "dataloaders.num_workers=0", "dataloaders.num_eval=8", "dataloaders.batch_size=8", "precision=fp32",
         "eval.every_epochs=0", "eval.samples_per_prompt=1", "solver.respacing='4'", "lr_schedule=constant",
