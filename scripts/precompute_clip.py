@@ -56,16 +56,10 @@ from dataloaders.clip_cache import (
 )
 from dataloaders.webdataset import resolve_shards
 from evaluation.clip_score import CLIPImageTransform
+from training.cli import positive_int
 from training.errors import UserError
 
 log = logging.getLogger("precompute_clip")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="ViT-L-14", help="an open_clip model name")
     p.add_argument("--pretrained", default="openai", help="an open_clip pretrained tag or a local weights file")
     p.add_argument("--source", choices=("text", "image"), default="text", help="embed the captions or the images")
-    p.add_argument("--batch-size", type=positive, default=256, help="samples per CLIP call")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per CLIP call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reader processes")
     p.add_argument("--overwrite", action="store_true", help="redo existing .clip files and cached shards")

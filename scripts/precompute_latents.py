@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dataloaders.latents import MANIFEST
 from models.vae import SDVAE
+from training.cli import positive_int
 from training.compose import CONFIG_DIR, compose_config
 from training.errors import UserError
 from training.train import build
@@ -41,13 +42,6 @@ log = logging.getLogger("precompute_latents")
 # a resumed run must agree with the manifest on these, or its shards would not fit together
 SETTINGS = ("vae", "scaling_factor", "shift_factor", "latent_shape", "image_size", "num_images", "num_classes",
             "flip", "dtype", "shard_size")  # fmt: skip
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a config override, repeatable: --data-override dataloaders.root=PATH")  # fmt: skip
     p.add_argument("--vae", required=True, help="an AutoencoderKL folder or hub id: stabilityai/sd-vae-ft-ema")
     p.add_argument("--out", required=True, type=Path, help="output folder (shards and manifest.json)")
-    p.add_argument("--shard-size", type=positive, default=10000, help="images per shard (each with its flip)")
-    p.add_argument("--batch-size", type=positive, default=64, help="images per VAE call (twice that with flips)")
+    p.add_argument("--shard-size", type=positive_int, default=10000, help="images per shard (each with its flip)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE call (twice that with flips)")
     p.add_argument("--no-flip", action="store_true", help="do not add horizontal-flip copies")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,7 @@ from evaluation.sampling import sample
 from solvers.adaptive import Dopri5
 from solvers.base import Solver
 from solvers.fixed_step import RK4, Euler, Heun, Midpoint
+from training.cli import positive_int
 from training.errors import UserError
 from training.inference import load_data, load_model
 
@@ -26,13 +27,6 @@ SOLVERS: dict[str, type[Solver]] = {
     "rk4": RK4,
     "dopri5": Dopri5,
 }
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
