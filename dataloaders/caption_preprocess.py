@@ -74,20 +74,27 @@ def trim_white_padding(image: Image.Image, threshold: int = 245) -> Image.Image:
     return image if box == (0, 0, *image.size) else image.crop(box)
 
 
-def random_center_crop(
-    image: Image.Image, rng: random.Random, min_scale: float = 0.9, jitter: float = 0.1
-) -> Image.Image:
-    """A square crop near the centre: side = short side x U(min_scale, 1); the crop's centre moves
-    off the image centre by up to ``jitter`` x half the slack on each axis.
+def crop_box(
+    size: tuple[int, int], rng: random.Random, min_scale: float = 0.9, jitter: float = 0.1
+) -> tuple[int, int, int, int]:
+    """A square crop near the centre of a ``(width, height)`` image, as (left, top, right, bottom):
+    side = short side x U(min_scale, 1); the crop's centre moves off the image centre by up to
+    ``jitter`` x half the slack on each axis.
 
     ``min_scale=1, jitter=0`` is the plain centre crop (what evaluation uses).
     """
-    width, height = image.size
+    width, height = size
     side = max(1, round(min(width, height) * rng.uniform(min_scale, 1.0)))
     slack_x, slack_y = width - side, height - side
     left = round(slack_x / 2 * (1 + jitter * rng.uniform(-1.0, 1.0)))
     top = round(slack_y / 2 * (1 + jitter * rng.uniform(-1.0, 1.0)))
-    return image.crop((left, top, left + side, top + side))
+    return left, top, left + side, top + side
+
+
+def random_center_crop(
+    image: Image.Image, rng: random.Random, min_scale: float = 0.9, jitter: float = 0.1
+) -> Image.Image:
+    return image.crop(crop_box(image.size, rng, min_scale, jitter))
 
 
 def _to_uint8_chw(image: Image.Image) -> Tensor:
@@ -120,18 +127,25 @@ class Preprocess:
         """The deterministic variant for held-out images: full short side, no jitter."""
         return replace(self, min_crop_scale=1.0, crop_jitter=0.0)
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[Tensor, Tensor | None, bool]:
-        """RGB image → ((3, S, S) uint8, (3, L, L) uint8 or None, whether the crop was upscaled)."""
-        crop = random_center_crop(
-            trim_white_padding(image, self.trim_threshold), rng, self.min_crop_scale, self.crop_jitter
-        )
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[Tensor, Tensor | None, bool, Tensor]:
+        """RGB image → ((3, S, S) uint8, (3, L, L) uint8 or None, whether the crop was upscaled, sizes).
+
+        ``sizes`` (6,) is SDXL's size conditioning: the trimmed image's (height, width), the crop's
+        top-left corner (y, x) in output pixels, and the output (height, width).
+        """
+        trimmed = trim_white_padding(image, self.trim_threshold)
+        box = crop_box(trimmed.size, rng, self.min_crop_scale, self.crop_jitter)
+        crop = trimmed.crop(box)
         upscaled = crop.width < self.image_size
         size = (self.image_size, self.image_size)
         x = _to_uint8_chw(crop.resize(size, Image.Resampling.BICUBIC))
+        scale = self.image_size / crop.width
+        sizes = torch.tensor([trimmed.height, trimmed.width, round(box[1] * scale), round(box[0] * scale),
+                              self.image_size, self.image_size], dtype=torch.float32)  # fmt: skip
         if self.low_res_size is None:
-            return x, None, upscaled
+            return x, None, upscaled, sizes
         low = (self.low_res_size, self.low_res_size)
-        return x, _to_uint8_chw(crop.resize(low, Image.Resampling.BICUBIC)), upscaled
+        return x, _to_uint8_chw(crop.resize(low, Image.Resampling.BICUBIC)), upscaled, sizes
 
 
 def pick_caption(text: str, rng: random.Random | None) -> str:
@@ -144,10 +158,11 @@ def pick_caption(text: str, rng: random.Random | None) -> str:
 
 def make_chunk(
     images: list[Tensor], low_res: list[Tensor | None], captions: list[str], counts: Counter, shape: tuple[int, ...],
-    clip: list[ClipFound] | None = None,
+    sizes: list[Tensor], clip: list[ClipFound] | None = None,
 ) -> dict:  # fmt: skip
     """Worker-side batch: uint8 images (n, 3, S, S) (n may be 0), low-res or None, captions, counts,
-    and with a CLIP cache what it held for each image (``clip_cache.stack_found``; else None).
+    size conditioning (n, 6) (see ``Preprocess``), and with a CLIP cache what it held for each image
+    (``clip_cache.stack_found``; else None).
 
     A plain dict so the DataLoader can pin its tensors; counts are what the worker saw since its
     previous chunk.
@@ -155,7 +170,9 @@ def make_chunk(
     stacked = torch.stack(images) if images else torch.empty((0, *shape), dtype=torch.uint8)
     lows = None if not low_res or low_res[0] is None else torch.stack(low_res)  # type: ignore[arg-type]
     found = None if clip is None else stack_found(clip)
-    return {"images": stacked, "low_res": lows, "captions": captions, "counts": dict(counts), "clip": found}
+    stacked_sizes = torch.stack(sizes) if sizes else torch.empty((0, 6))
+    return {"images": stacked, "low_res": lows, "captions": captions, "counts": dict(counts), "clip": found,
+            "sizes": stacked_sizes}  # fmt: skip
 
 
 def collate_records(records: list[dict]) -> dict:
@@ -166,4 +183,5 @@ def collate_records(records: list[dict]) -> dict:
     images = [r["image"] for r in records]
     shape = tuple(images[0].shape) if images else (3, 0, 0)
     clip = [r["clip"] for r in records] if records and "clip" in records[0] else None
-    return make_chunk(images, [r["low_res"] for r in records], [r["caption"] for r in records], counts, shape, clip)
+    return make_chunk(images, [r["low_res"] for r in records], [r["caption"] for r in records], counts, shape,
+                      [r["sizes"] for r in records], clip)  # fmt: skip

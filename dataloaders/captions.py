@@ -124,7 +124,8 @@ class CaptionLoader:
             captions = ["" if drop.random() < self.uncond_p else c for c in captions]
             tokens, mask = self.tokenizer(captions)
             self.stats["truncated"] = self.tokenizer.truncated - truncated_before
-            cond = {"tokens": self._to_device(tokens), "mask": self._to_device(mask)}
+            cond = {"tokens": self._to_device(tokens), "mask": self._to_device(mask),
+                    "sizes": self._to_device(chunk["sizes"])}  # fmt: skip
             if chunk["low_res"] is not None:
                 cond["low_res"] = _to_model_range(self._to_device(chunk["low_res"]))
             x1 = _to_model_range(self._to_device(chunk["images"]))
@@ -159,7 +160,7 @@ def eval_batch(data: EvalData, found: list[ClipFound] | None, device: torch.devi
     tokens, mask = data.tokenizer(data.eval_captions)
     data.tokenizer.truncated = truncated  # held-out captions stay out of the training epochs' counts
     x1 = data.eval_set.to(device)
-    cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
+    cond = {"tokens": tokens.to(device), "mask": mask.to(device), "sizes": data.eval_sizes.to(device)}
     if data.eval_low_res is not None:
         cond["low_res"] = data.eval_low_res.to(device)
     if data.clip_cache is not None and found is not None:
@@ -172,6 +173,7 @@ class EvalData(Protocol):
     eval_set: Tensor
     eval_low_res: Tensor | None
     eval_captions: list[str]
+    eval_sizes: Tensor
     clip_cache: ClipCache | None
 
 
@@ -204,11 +206,12 @@ class CaptionPairs(Dataset):
                 log.warning("skipping corrupt image %s (%s)", path, e)
                 continue
             rng = random.Random(mix_seed(self.rng_seed, i))
-            x, low_res, upscaled = self.preprocess(image, rng)
+            x, low_res, upscaled, sizes = self.preprocess(image, rng)
             caption = pick_caption(text, rng)
             counts["upscaled"] += int(upscaled)
             counts["empty_caption"] += int(not caption)
-            record: dict[str, Any] = {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+            record: dict[str, Any] = {"image": x, "low_res": low_res, "caption": caption, "counts": counts,
+                                      "sizes": sizes}  # fmt: skip
             if self.clip is not None:
                 record["clip"] = self.clip(path, pick_caption(text, None))
             return record
@@ -310,21 +313,23 @@ class CaptionFolderData:
     def _hold_out(self, pairs: list[tuple[Path, str]]) -> None:
         """Centre crops and first caption lines of the held-out pairs; corrupt images are left out."""
         centred, rng = self.preprocess.centred(), random.Random(0)
-        images, lows, self.eval_captions, self.eval_paths = [], [], [], []
+        images, lows, sizes, self.eval_captions, self.eval_paths = [], [], [], [], []
         for path, text in pairs:
             try:
                 image = load_image(path)
             except DECODE_ERRORS as e:
                 log.warning("leaving corrupt image %s out of eval_set (%s)", path, e)
                 continue
-            x, low_res, _ = centred(image, rng)
+            x, low_res, _, size_cond = centred(image, rng)
             images.append(x)
+            sizes.append(size_cond)
             lows.append(low_res)
             self.eval_captions.append(pick_caption(text, None))
             self.eval_paths.append(path)
         size = self.preprocess.image_size
         stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
         self.eval_set = _to_model_range(stacked)  # (n_eval, 3, S, S) in [-1, 1]
+        self.eval_sizes = torch.stack(sizes) if sizes else torch.empty((0, 6))  # SDXL's size conditioning
         self.eval_low_res = _to_model_range(torch.stack(lows)) if images and lows[0] is not None else None  # type: ignore[arg-type]
 
     def eval_batch(self, device: torch.device) -> dict:

@@ -148,10 +148,10 @@ class SampleReader:
             image = load_image(image_bytes)
         except DECODE_ERRORS:
             return "corrupt"
-        x, low_res, upscaled = self.preprocess(image, rng or random.Random(0))
+        x, low_res, upscaled, sizes = self.preprocess(image, rng or random.Random(0))
         caption = pick_caption(sample[self.caption_key].decode("utf-8", errors="replace"), rng)
         counts = Counter(upscaled=int(upscaled), empty_caption=int(not caption))
-        return {"image": x, "low_res": low_res, "caption": caption, "counts": counts}
+        return {"image": x, "low_res": low_res, "caption": caption, "counts": counts, "sizes": sizes}
 
     def __call__(self, sample: dict, rng: random.Random | None) -> dict | str:
         return self.check(sample) or self.decode(sample, rng)
@@ -244,20 +244,22 @@ class ShardStream(IterableDataset):
         images: list[Tensor] = []
         low_res: list[Tensor | None] = []
         captions: list[str] = []
+        sizes: list[Tensor] = []
         found: list[ClipFound] | None = None if self.clip is None else []
         for record in islice(self._decoded(samples, counts), self.limit):
             images.append(record["image"])
             low_res.append(record["low_res"])
             captions.append(record["caption"])
+            sizes.append(record["sizes"])
             if found is not None:
                 found.append(record["clip"])
             if len(images) == self.batch_size:
-                yield make_chunk(images, low_res, captions, counts, tuple(images[0].shape), found)
-                images, low_res, captions = [], [], []
+                yield make_chunk(images, low_res, captions, counts, tuple(images[0].shape), sizes, found)
+                images, low_res, captions, sizes = [], [], [], []
                 found = None if found is None else []
                 counts.clear()
         shape = (3, self.reader.preprocess.image_size, self.reader.preprocess.image_size)
-        yield make_chunk(images, low_res, captions, counts, shape, found)  # the tail: counts, maybe images
+        yield make_chunk(images, low_res, captions, counts, shape, sizes, found)  # the tail: counts, maybe images
 
 
 class WebDatasetData:
@@ -349,6 +351,7 @@ class WebDatasetData:
         images = torch.stack([r["image"] for r in records]) if records else torch.empty((0, 3, size, size))
         self.eval_set = _to_model_range(images)  # (n, 3, S, S) in [-1, 1]
         self.eval_captions: list[str] = [r["caption"] for r in records]
+        self.eval_sizes = torch.stack([r["sizes"] for r in records]) if records else torch.empty((0, 6))
         self.eval_low_res = (
             _to_model_range(torch.stack([r["low_res"] for r in records]))
             if records and records[0]["low_res"] is not None

@@ -148,11 +148,11 @@ def test_preprocess_trims_before_resizing(photos):
     content = photos[1].crop((100, 50, 400, 350))  # 300x300, no white rows
     padded = pad_white(content, 200, 150, 250, 100)
     prep = Preprocess(image_size=32).centred()
-    out, _, upscaled = prep(padded, random.Random(0))
+    out, _, upscaled, _ = prep(padded, random.Random(0))
     near_white = out.permute(1, 2, 0).numpy().min(axis=2) >= 245  # (32, 32)
     assert not near_white[0].all() and not near_white[-1].all()
     assert not near_white[:, 0].all() and not near_white[:, -1].all()
-    reference, _, _ = prep(content, random.Random(0))
+    reference, _, _, _ = prep(content, random.Random(0))
     assert torch.equal(out, reference) and not upscaled  # as if there had been no padding
     # the wrong order (resize, then trim) cannot find the border any more and keeps blurred padding
     small = trim_white_padding(padded.resize((32, 32), Image.Resampling.BICUBIC))

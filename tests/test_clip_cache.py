@@ -248,7 +248,7 @@ def test_webdataset_batches_carry_the_cached_embeddings(shards: Path, cache_dir:
 
 def test_without_a_cache_batches_have_no_clip(cached_folder: Path):
     batch = next(iter(folder_data(cached_folder, None).train_loader(CPU, seed=0)))
-    assert set(batch["cond"]) == {"tokens", "mask"}
+    assert set(batch["cond"]) == {"tokens", "mask", "sizes"}
 
 
 def test_misses_are_encoded_and_counted(cached_folder: Path, large: Tiny, tmp_path: Path):
@@ -396,12 +396,12 @@ def test_eval_batch_holds_the_held_out_pairs(cached_folder: Path, shards: Path, 
     assert batch["cond"]["low_res"].shape == (3, 3, 8, 8)
     assert torch.allclose(batch["cond"]["clip"], large.clip.encode_text(data.eval_captions), atol=FP16)
     plain = folder_data(cached_folder, None).eval_batch(CPU)
-    assert set(plain["cond"]) == {"tokens", "mask"} and plain["x1"].shape == (2, 3, 16, 16)
+    assert set(plain["cond"]) == {"tokens", "mask", "sizes"} and plain["x1"].shape == (2, 3, 16, 16)
     shard_data = wds_data(shards, large.cache(dir=str(cache_dir), on_miss="error"))
     batch = shard_data.eval_batch(CPU)
     assert shard_data.eval_captions == ["photo number 0 of a temple", "photo number 1 of a temple"]
     assert torch.allclose(batch["cond"]["clip"], large.clip.encode_text(shard_data.eval_captions), atol=FP16)
-    assert set(wds_data(shards, None).eval_batch(CPU)["cond"]) == {"tokens", "mask"}
+    assert set(wds_data(shards, None).eval_batch(CPU)["cond"]) == {"tokens", "mask", "sizes"}
 
 
 def test_the_documented_config_node_builds_the_cache_and_its_encoder(make_cfg, folder: Path, large: Tiny):
