@@ -36,3 +36,17 @@ def test_ema_state_round_trips():
     other = EMA(nn.Linear(3, 1), 0.99)
     other.load_state_dict(ema.state_dict())
     torch.testing.assert_close(other.module.weight, ema.module.weight)
+
+
+def test_frozen_parameters_are_shared_not_copied():
+    """A LoRA-style model: the frozen base is the model's own tensors, only trainable weights average."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    ema = EMA(model, decay=0.5)
+    assert ema.module[0].weight is model[0].weight and ema.module[1].weight is not model[1].weight
+    before = ema.module[1].weight.clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model, num_updates=100)
+    assert torch.allclose(ema.module[1].weight, before + 0.5)
+    assert torch.equal(ema.module[0].weight, model[0].weight)
