@@ -21,7 +21,6 @@ architecture and a fingerprint of its weights), so that it is never loaded onto 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from adapters.open_clip_loader import architecture_dim
+from models.fingerprint import weights_fingerprint
 from models.glide import (
     DEFAULT_CHANNEL_MULT,
     TEXT_ENCODER_PREFIXES,
@@ -74,9 +74,6 @@ ARCHITECTURE_OPTIONS = (
     "super_res",
     "in_channels",
 )
-
-# values sampled per base tensor for its fingerprint: enough to tell weights apart, cheap at 385M
-FINGERPRINT_SAMPLES = 4096
 
 
 def is_adapter_key(name: str) -> bool:
@@ -281,17 +278,7 @@ class GlideClipUNet(GlideUNet):
         return {k: v for k, v in self.state_dict().items() if is_adapter_key(k)}
 
     def base_fingerprint(self) -> str:
-        """sha256 over every base parameter's name, shape and a strided sample of its values: tells two
-        bases apart (another checkpoint, a fine-tuned base) at the cost of a few thousand values each."""
-        digest = hashlib.sha256()
-        for name, p in self.named_parameters():
-            if is_adapter_key(name):
-                continue
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].float().cpu()
-            digest.update(f"{name}:{tuple(p.shape)};".encode())
-            digest.update(sample.numpy().tobytes())
-        return digest.hexdigest()
+        return weights_fingerprint((n, p) for n, p in self.named_parameters() if not is_adapter_key(n))
 
     def adapter_description(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """What ``save_adapter`` writes beside the weights, and what ``load_adapter`` checks."""

@@ -38,7 +38,7 @@ TINY_TOY_DATA = ["dataloaders.num_train=1024", "dataloaders.num_eval=256", "data
 def tiny_config(tmp_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The launcher's config with TINY settings, every output under ``tmp_path``."""
     other_data = any(o.startswith(("dataloaders=", "experiment=")) for o in overrides)
-    prompt_eval = any(o in ("eval=prompts",) or o.startswith("experiment=glide") for o in overrides)
+    prompt_eval = any(o == "eval=prompts" or o.startswith(("experiment=glide", "experiment=sdxl")) for o in overrides)
     return compose_config(
         [
             *TINY,

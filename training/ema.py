@@ -35,8 +35,9 @@ class EMA:
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
         """(EMA floats, model floats, EMA others, model others), built once per model."""
         if self._pairs_of is not model:
-            pairs = [(e, c) for e, c in zip((*self.module.parameters(), *self.module.buffers()),
-                                            (*model.parameters(), *model.buffers()), strict=True) if e is not c]  # fmt: skip
+            both = zip((*self.module.parameters(), *self.module.buffers()), (*model.parameters(), *model.buffers()),
+                       strict=True)  # fmt: skip
+            pairs = [(e, c) for e, c in both if e is not c]  # frozen parameters are shared: nothing to average
             ema, cur = [e for e, _ in pairs], [c.detach() for _, c in pairs]
             is_float = [t.is_floating_point() for t in ema]
             self._cache = (

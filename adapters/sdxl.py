@@ -1,0 +1,237 @@
+"""SDXL with LoRA (``model=sdxl_lora``): diffusers' SDXL, frozen, with peft LoRA layers, meeting the
+model contract ``forward(x, t, r, cond)`` so the generic trainer trains it.
+
+``x`` is the noised VAE latent, ``t`` the integer DDPM timestep (``r`` unused) and ``cond`` holds the
+text, either as token ids of the two tokenizers (``tokens`` (B, 2, 77), from ``SDXLTokenizer`` in the
+data pipeline) or precomputed (``prompt_embeds`` (B, 77, 2048), ``pooled`` (B, 1280), from the
+cache), plus ``sizes`` (B, 6): original size, crop corner and target size, which are SDXL's
+``add_time_ids``. ``drop_text`` (B,) bool zeroes a row's text embeddings, the way SDXL itself was
+trained for classifier-free guidance (and what its pipeline feeds for an empty negative prompt).
+
+Precision follows the notes of the project this replaces: the frozen UNet in bf16 (or fp16 under a
+GradScaler), the VAE in fp32 (SDXL's VAE overflows in fp16), the text encoders in fp16, the LoRA
+weights in fp32; gradient checkpointing on; attention through PyTorch's SDPA.
+
+The checkpoint holds the LoRA weights only (``state_dict``): the base comes from ``pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import Tensor, nn
+from transformers import CLIPTokenizer
+
+from adapters.sdxl_components import SDXL_BASE_REPO, SDXLComponents, check_folder, dtype_of, load_components
+from adapters.sdxl_lora import (
+    KOHYA_FILE,
+    LORA_FILE,
+    TEXT_ENCODER_TARGETS,
+    add_lora,
+    lora_config,
+    save_diffusers,
+    save_kohya,
+    unet_targets,
+)
+from models.fingerprint import weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def encode_prompt(text_encoder: nn.Module, text_encoder_2: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Token ids (B, 2, 77) -> (prompt_embeds (B, 77, 2048), pooled (B, 1280)), as the SDXL pipeline
+    computes them: both encoders' penultimate hidden states side by side, and OpenCLIP-G's projected
+    pooled output."""
+    first = text_encoder(tokens[:, 0], output_hidden_states=True)
+    second = text_encoder_2(tokens[:, 1], output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+@torch.no_grad()
+def encode_images(vae: Any, x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> scaled latents, with the VAE in its own dtype (fp32) outside autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        latents = vae.encode(x.to(vae.dtype)).latent_dist.sample()
+    return latents.float() * vae.config.scaling_factor
+
+
+def encoder_fingerprints(parts: Any) -> dict[str, str]:
+    """Fingerprints of the VAE and the text encoders: what a latent/text cache must have been made with."""
+    text = [*parts.text_encoder.named_parameters(), *parts.text_encoder_2.named_parameters()]
+    return {"vae_fingerprint": weights_fingerprint(parts.vae.named_parameters()),
+            "text_fingerprint": weights_fingerprint(text)}  # fmt: skip
+
+
+class SDXLTokenizer:
+    """Captions -> ``(tokens (B, 2, 77), mask (B, 2, 77))`` of SDXL's two tokenizers, for the caption
+    data sets (which call it in the main process). ``truncated`` counts captions cut at 77 tokens."""
+
+    def __init__(self, tokenizers: list[CLIPTokenizer]):
+        self.tokenizers = list(tokenizers)
+        self.truncated = 0
+
+    @classmethod
+    def load(cls, pretrained: str, config: str | None = None) -> SDXLTokenizer:
+        """From the weights' ``tokenizer/`` and ``tokenizer_2/`` folders; a single file has none, so
+        they come with its configs (``config``, default SDXL base's repo)."""
+        path = Path(pretrained).expanduser()
+        if path.is_dir():
+            check_folder(path)
+            source = str(path)
+        else:
+            source = config or (SDXL_BASE_REPO if path.suffix == ".safetensors" else pretrained)
+        return cls([CLIPTokenizer.from_pretrained(source, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")])
+
+    def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        tokens, masks = [], []
+        for tokenizer in self.tokenizers:
+            out = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt", return_overflowing_tokens=False, return_length=False)  # fmt: skip
+            tokens.append(out.input_ids)
+            masks.append(out.attention_mask.bool())
+        full = self.tokenizers[0](captions, truncation=False).input_ids
+        self.truncated += sum(len(ids) > self.tokenizers[0].model_max_length for ids in full)
+        return torch.stack(tokens, 1), torch.stack(masks, 1)
+
+
+class SDXLLoRA(nn.Module):
+    """SDXL (UNet, VAE, both text encoders, tokenizers, scheduler) frozen, with LoRA on the UNet's
+    ``lora_target`` layers and, with ``text_encoder_lora``, on both text encoders' attention."""
+
+    def __init__(
+        self,
+        pretrained: str | SDXLComponents,
+        config: str | None = None,
+        variant: str | None = None,
+        lora_rank: int = 4,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_target: str = "attention_out",
+        text_encoder_lora: bool = False,
+        unet_dtype: str = "bfloat16",
+        text_encoder_dtype: str = "float16",
+        vae_dtype: str = "float32",
+        gradient_checkpointing: bool = True,
+    ):
+        super().__init__()
+        parts = pretrained if isinstance(pretrained, SDXLComponents) else load_components(pretrained, config, variant)
+        self.source = "random weights" if isinstance(pretrained, SDXLComponents) else str(pretrained)
+        self.unet, self.vae = parts.unet, parts.vae
+        self.text_encoder, self.text_encoder_2 = parts.text_encoder, parts.text_encoder_2
+        self.tokenizers = [parts.tokenizer, parts.tokenizer_2]
+        self.sampling_scheduler = parts.scheduler  # the pipeline's (Euler for SDXL base)
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)  # the training schedule
+        self.lora_alpha = lora_alpha
+        self.text_encoder_lora = text_encoder_lora
+        # what a LoRA file says it fits: taken before LoRA layers rename the base weights
+        self.base = {"pretrained": self.source, "unet_fingerprint": weights_fingerprint(self.unet.named_parameters())}
+        self.encoders = encoder_fingerprints(parts)
+        for module, name in ((self.unet, unet_dtype), (self.text_encoder, text_encoder_dtype),
+                             (self.text_encoder_2, text_encoder_dtype), (self.vae, vae_dtype)):  # fmt: skip
+            module.requires_grad_(False).to(dtype_of(name))
+        self.vae.eval()
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        n = add_lora(self.unet, lora_config(lora_rank, lora_alpha, lora_dropout, unet_targets(lora_target)))
+        if text_encoder_lora:
+            te_config = lora_config(lora_rank, lora_alpha, lora_dropout, TEXT_ENCODER_TARGETS)
+            n += add_lora(self.text_encoder, te_config) + add_lora(self.text_encoder_2, te_config)
+        log.info("SDXL LoRA: rank %d, alpha %g, %s%s: %.2fM trainable parameters", lora_rank, lora_alpha, lora_target,
+                 " + text encoders" if text_encoder_lora else "", n / 1e6)  # fmt: skip
+
+    # --- the run's weights are the LoRA's -----------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        """LoRA tensors only (tens of MB, not SDXL's 7 GB): the base is rebuilt from ``pretrained``."""
+        return OrderedDict((n, p.detach()) for n, p in self.named_parameters() if is_lora_key(n))
+
+    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        own = dict((n, p) for n, p in self.named_parameters() if is_lora_key(n))
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise RuntimeError(
+                f"LoRA weights do not fit this model: {len(missing)} missing (e.g. {missing[:1]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); another lora_target or text_encoder_lora?"
+            )
+        for name, p in own.items():
+            if p.shape != state[name].shape:
+                raise RuntimeError(
+                    f"LoRA weight {name} has shape {tuple(state[name].shape)}, this model {tuple(p.shape)}: "
+                    "the LoRA rank differs (set model.lora_rank to the rank it was trained with)"
+                )
+            with torch.no_grad():
+                p.copy_(state[name])
+        return None
+
+    def lora_parts(self) -> dict[str, nn.Module]:
+        """The modules carrying LoRA layers, under diffusers' names."""
+        parts: dict[str, nn.Module] = {"unet": self.unet}
+        if self.text_encoder_lora:
+            parts.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+        return parts
+
+    def save_lora(self, folder: Path, kohya: bool = False) -> list[Path]:
+        """``pytorch_lora_weights.safetensors`` (diffusers) and with ``kohya`` its kohya-format copy."""
+        parts = self.lora_parts()
+        written = [folder / LORA_FILE]
+        save_diffusers(written[0], parts, self.base)
+        if kohya:
+            written.append(folder / KOHYA_FILE)
+            save_kohya(written[1], parts, {name: self.lora_alpha for name in parts})
+        return written
+
+    # --- encoders ----------------------------------------------------------------------------
+    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids (B, 2, 77) -> (prompt_embeds (B, 77, 2048), pooled (B, 1280)), as the SDXL
+        pipeline computes them: both encoders' penultimate hidden states side by side, and
+        OpenCLIP-G's projected pooled output. No gradient unless the text encoders carry LoRA."""
+        with torch.set_grad_enabled(self.text_encoder_lora and torch.is_grad_enabled()):
+            first = self.text_encoder(tokens[:, 0], output_hidden_states=True)
+            second = self.text_encoder_2(tokens[:, 1], output_hidden_states=True)
+            embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            return embeds, second.text_embeds
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] -> scaled latents, with the VAE in its own dtype outside autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
+        return latents.float() * self.vae.config.scaling_factor
+
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's latents: cached (``batch["latents"]``) or encoded from its images."""
+        return batch["latents"].float() if "latents" in batch else self.encode_images(batch["x1"])
+
+    def text(self, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        embeds, pooled = (
+            (cond["prompt_embeds"], cond["pooled"]) if "prompt_embeds" in cond else self.encode_text(cond["tokens"])
+        )
+        if "drop_text" in cond:
+            keep = (~cond["drop_text"]).to(embeds.dtype)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+        return embeds, pooled
+
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None, cond: dict[str, Tensor]) -> Tensor:
+        embeds, pooled = self.text(cond)
+        dtype = self.unet.dtype
+        added = {"text_embeds": pooled.to(dtype), "time_ids": cond["sizes"].to(dtype)}
+        return self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added).sample
+
+    # --- sampling ----------------------------------------------------------------------------
+    def pipeline(self) -> StableDiffusionXLPipeline:
+        """A diffusers pipeline on these very modules (LoRA active), for sample grids."""
+        return StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
+            scheduler=type(self.sampling_scheduler).from_config(self.sampling_scheduler.config),
+        )  # fmt: skip
