@@ -9,8 +9,9 @@ cache), plus ``sizes`` (B, 6): original size, crop corner and target size, which
 trained for classifier-free guidance (and what its pipeline feeds for an empty negative prompt).
 
 Precision follows the notes of the project this replaces: the frozen UNet in bf16 (or fp16 under a
-GradScaler), the VAE in fp32 (SDXL's VAE overflows in fp16), the text encoders in fp16, the LoRA
-weights in fp32; gradient checkpointing on; attention through PyTorch's SDPA.
+GradScaler), the VAE in fp32 (SDXL's VAE overflows in fp16), the text encoders in 2-byte floats (bf16
+by default: the notes' fp16 beside bf16 autocast mixes dtypes in layer norms, which the CPU refuses),
+the LoRA weights in fp32; gradient checkpointing on; attention through PyTorch's SDPA.
 
 The checkpoint holds the LoRA weights only (``state_dict``): the base comes from ``pretrained``.
 """
@@ -28,7 +29,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 from transformers import CLIPTokenizer
 
-from adapters.sdxl_components import SDXL_BASE_REPO, SDXLComponents, check_folder, dtype_of, load_components
+from adapters.sdxl_components import SDXLComponents, dtype_of, load_components, load_tokenizers
 from adapters.sdxl_lora import (
     KOHYA_FILE,
     LORA_FILE,
@@ -65,6 +66,20 @@ def encode_images(vae: Any, x: Tensor) -> Tensor:
     return latents.float() * vae.config.scaling_factor
 
 
+@torch.no_grad()
+def sample(pipe: StableDiffusionXLPipeline, **kwargs: Any) -> Tensor:
+    """Images (B, 3, H, W) in [0, 1] from ``pipe(**kwargs)``, decoded by the VAE in its own dtype (fp32).
+
+    The pipeline decodes in the UNet's dtype unless that is fp16 (then it upcasts the VAE): a bf16 UNet
+    beside an fp32 VAE would fail on a dtype mismatch, and bf16 decoding loses detail; so the pipeline
+    stops at the latents and the VAE decodes them here, outside autocast."""
+    latents = pipe(**kwargs, output_type="latent").images
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
 def encoder_fingerprints(parts: Any) -> dict[str, str]:
     """Fingerprints of the VAE and the text encoders: what a latent/text cache must have been made with."""
     text = [*parts.text_encoder.named_parameters(), *parts.text_encoder_2.named_parameters()]
@@ -74,23 +89,25 @@ def encoder_fingerprints(parts: Any) -> dict[str, str]:
 
 class SDXLTokenizer:
     """Captions -> ``(tokens (B, 2, 77), mask (B, 2, 77))`` of SDXL's two tokenizers, for the caption
-    data sets (which call it in the main process). ``truncated`` counts captions cut at 77 tokens."""
+    data sets (which call it in the main process). ``truncated`` counts captions cut at 77 tokens.
 
-    def __init__(self, tokenizers: list[CLIPTokenizer]):
-        self.tokenizers = list(tokenizers)
+    Given ``pretrained`` (and ``config``, see ``sdxl_components.load_tokenizers``), the tokenizers are
+    read on first use: a data set that never tokenizes (the latent/text cache) never needs them.
+    """
+
+    def __init__(self, tokenizers: list[CLIPTokenizer] | None = None, pretrained: str | None = None,
+                 config: str | None = None):  # fmt: skip
+        self._tokenizers = tokenizers
+        self.pretrained, self.config = pretrained, config
         self.truncated = 0
 
-    @classmethod
-    def load(cls, pretrained: str, config: str | None = None) -> SDXLTokenizer:
-        """From the weights' ``tokenizer/`` and ``tokenizer_2/`` folders; a single file has none, so
-        they come with its configs (``config``, default SDXL base's repo)."""
-        path = Path(pretrained).expanduser()
-        if path.is_dir():
-            check_folder(path)
-            source = str(path)
-        else:
-            source = config or (SDXL_BASE_REPO if path.suffix == ".safetensors" else pretrained)
-        return cls([CLIPTokenizer.from_pretrained(source, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")])
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        if self._tokenizers is None:
+            if self.pretrained is None:
+                raise ValueError("the SDXL tokenizer needs model=sdxl_lora (model.pretrained names the weights)")
+            self._tokenizers = load_tokenizers(self.pretrained, self.config)
+        return self._tokenizers
 
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         tokens, masks = [], []
@@ -119,7 +136,7 @@ class SDXLLoRA(nn.Module):
         lora_target: str = "attention_out",
         text_encoder_lora: bool = False,
         unet_dtype: str = "bfloat16",
-        text_encoder_dtype: str = "float16",
+        text_encoder_dtype: str = "bfloat16",
         vae_dtype: str = "float32",
         gradient_checkpointing: bool = True,
     ):
@@ -228,6 +245,10 @@ class SDXLLoRA(nn.Module):
         return self.unet(x.to(dtype), t, encoder_hidden_states=embeds.to(dtype), added_cond_kwargs=added).sample
 
     # --- sampling ----------------------------------------------------------------------------
+    def sample(self, **kwargs: Any) -> Tensor:
+        """Images in [0, 1] through ``pipeline()`` (its arguments: prompt, generator, sizes, steps, ...)."""
+        return sample(self.pipeline(), **kwargs)
+
     def pipeline(self) -> StableDiffusionXLPipeline:
         """A diffusers pipeline on these very modules (LoRA active), for sample grids."""
         return StableDiffusionXLPipeline(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,6 +85,17 @@ def single_file_kind(path: Path) -> str:
     return "unknown"
 
 
+def from_hub(load: Any, source: str, **kwargs: Any) -> Any:
+    """``load(source)``, with a hub or cache miss as one line naming the fix."""
+    try:
+        return load(source, **kwargs)
+    except OSError as e:
+        raise SDXLWeightsError(
+            f"cannot load SDXL {source} ({str(e).splitlines()[0][:160]}); download it while online or pass a "
+            "local diffusers folder as model.pretrained"
+        ) from e
+
+
 def load_components(pretrained: str, config: str | None = None, variant: str | None = None) -> SDXLComponents:
     """SDXL's components in float32 on the CPU (callers cast and move them).
 
@@ -103,15 +116,28 @@ def load_components(pretrained: str, config: str | None = None, variant: str | N
                 f"{path} is not an SDXL base checkpoint (its keys look like {kind}); "
                 "pass an SDXL base .safetensors or a diffusers folder"
             )
-        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=config or SDXL_BASE_REPO)
-    elif path.suffix or path.is_absolute() or str(pretrained).startswith((".", "~")):
+        pipe = from_hub(StableDiffusionXLPipeline.from_single_file, str(path), config=config or SDXL_BASE_REPO)
+    elif HUB_ID.match(str(pretrained)):
+        pipe = from_hub(StableDiffusionXLPipeline.from_pretrained, str(pretrained), variant=variant)
+    else:
         raise SDXLWeightsError(
-            f"model.pretrained={pretrained} is neither a diffusers folder nor a .safetensors file; check the path"
+            f"model.pretrained={pretrained} is neither a diffusers folder, a .safetensors file nor a hub id; "
+            "check the path"
         )
-    else:  # a hub id
-        pipe = StableDiffusionXLPipeline.from_pretrained(pretrained, variant=variant)
     log.info("loaded SDXL from %s", pretrained)
     return SDXLComponents(**{name: getattr(pipe, name) for name in COMPONENTS})
+
+
+def load_tokenizers(pretrained: str, config: str | None = None) -> list[CLIPTokenizer]:
+    """SDXL's two tokenizers from the weights' ``tokenizer/`` and ``tokenizer_2/`` folders; a single
+    file has none, so they come with its configs (``config``, default SDXL base's repo)."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        check_folder(path)
+        source = str(path)
+    else:
+        source = config or (SDXL_BASE_REPO if path.suffix == ".safetensors" else pretrained)
+    return [from_hub(CLIPTokenizer.from_pretrained, source, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
 
 
 def clip_tokenizers(folder: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:

@@ -1,6 +1,7 @@
 """Sample grids of fixed prompts from a model that brings its own diffusers pipeline (SDXL + LoRA).
 
-The model is anything with ``pipeline() -> DiffusionPipeline``; the grid is drawn from per-image
+The model is anything with ``sample(prompt=..., generator=..., ...) -> images in [0, 1]`` (a
+diffusers pipeline's arguments, e.g. ``adapters.sdxl.SDXLLoRA``); the grid is drawn from per-image
 seeds (``seed + index``) so grids across a run differ only through the weights.
 """
 
@@ -84,11 +85,11 @@ class PipelinePromptEval:
         generators = [torch.Generator(device).manual_seed(self.seed + i) for i in range(len(prompts))]
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            images = model.pipeline()(  # type: ignore[operator]
+        with torch.no_grad(), autocast():
+            images = model.sample(  # type: ignore[operator]
                 prompt=prompts, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                height=self.image_size, width=self.image_size, generator=generators, output_type="pt",
-            ).images.float().cpu()  # fmt: skip
+                height=self.image_size, width=self.image_size, generator=generators,
+            ).cpu()  # fmt: skip
         model.train(was_training)
         name = "grid_final.png" if out_dir is not None else f"grid_step{step or 0:07d}.png"
         for folder in [out_dir] if out_dir is not None else [self.grid_dir] if self.grid_dir else []:

@@ -31,7 +31,9 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
 )
+from torchvision.utils import save_image
 
+from adapters.sdxl import sample
 from adapters.sdxl_components import SDXLWeightsError, dtype_of, load_components
 from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_file_base, read_safetensors
 from adapters.sdxl_training import export_checkpoint
@@ -140,13 +142,13 @@ def generate(args: argparse.Namespace) -> list[Path]:
         index = list(range(start, min(args.num_images, start + args.batch_size)))
         pipe.scheduler = SCHEDULERS[args.scheduler].from_config(scheduler_config)  # fresh state every batch
         generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in index]
-        images = pipe(
-            prompt=[per_image[i] for i in index], generator=generators, height=height, width=width,
+        images = sample(
+            pipe, prompt=[per_image[i] for i in index], generator=generators, height=height, width=width,
             num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        ).images  # fmt: skip
+        )  # fmt: skip
         for i, image in zip(index, images, strict=True):
             stem = out / f"{i:05d}"
-            image.save(stem.with_suffix(".png"))
+            save_image(image, stem.with_suffix(".png"))
             stem.with_suffix(".txt").write_text(per_image[i] + "\n", encoding="utf-8")
             record = {"index": i, "prompt": per_image[i], "seed": args.seed + i, **settings}
             stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -173,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
-                   help="UNet and text encoders (the VAE stays float32)")  # fmt: skip
+                   help="UNet and text encoders (the VAE decodes in float32)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", required=True)
     return p.parse_args(argv)

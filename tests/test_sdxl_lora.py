@@ -160,7 +160,7 @@ def test_size_conditioning_and_text_match_the_pipeline(sdxl: Path):
     model = SDXLLoRA(str(sdxl), unet_dtype="float32", text_encoder_dtype="float32")
     from adapters.sdxl import SDXLTokenizer
 
-    tokens, _ = SDXLTokenizer.load(str(sdxl))(["a red square", "two cats"])
+    tokens, _ = SDXLTokenizer(pretrained=str(sdxl))(["a red square", "two cats"])
     embeds, pooled = model.text({"tokens": tokens})
     want_embeds, _, want_pooled, _ = pipe.encode_prompt(["a red square", "two cats"], do_classifier_free_guidance=False)
     assert torch.allclose(embeds, want_embeds, atol=1e-6) and torch.allclose(pooled, want_pooled, atol=1e-6)
@@ -230,6 +230,19 @@ def test_text_encoder_lora_trains_both_encoders(make_cfg, sdxl: Path, captioned:
     want = objects["model"].pipeline().encode_prompt("a red square", do_classifier_free_guidance=False)
     got = pipe.encode_prompt("a red square", do_classifier_free_guidance=False)
     assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[2], want[2], atol=1e-6)
+
+
+def test_the_presets_bf16_recipe_runs(make_cfg, sdxl: Path, captioned: Path):
+    """The preset's dtypes as they are (bf16 UNet and text encoders, fp32 VAE and LoRA, bf16 autocast),
+    through training and the pipeline's sampling, which decodes with the fp32 VAE."""
+    cfg = make_cfg("experiment=sdxl_lora", f"model.pretrained={sdxl}", *folder_data(captioned), "max_steps=2",
+                   f"dataloaders.image_size={SIZE}", "dataloaders.batch_size=2", "eval.num_inference_steps=2",
+                   "eval.samples_per_prompt=1", "eval.every_epochs=0", "trainer.grad_accum=1")  # fmt: skip
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    assert model.unet.dtype == model.text_encoder.dtype == torch.bfloat16 and model.vae.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert np.isfinite(metrics["train/final_loss"]) and (objects["run_dir"] / "grid_final.png").is_file()
 
 
 def test_min_snr_weights_and_v_prediction(sdxl: Path, tmp_path: Path):

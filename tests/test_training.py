@@ -53,8 +53,16 @@ def test_every_group_option_instantiates(make_cfg, group, image_folder):
             with pytest.raises(Exception, match="OpenAI's released weights .* model.checkpoint=PATH"):
                 instantiate(make_cfg(f"model={option}")[group])
             extra = ["model.from_scratch=true"]
-        if option == "prompts" or (group == "dataloaders" and option in ("captions", "webdataset")):
-            continue  # need captioned data and GLIDE's vocabulary: built in tests/test_glide_training.py
+        if group == "dataloaders" and option == "sdxl_cache":  # made by a script: the error must say how
+            with pytest.raises(Exception, match="not an SDXL cache .* python scripts/precompute_sdxl.py"):
+                instantiate(make_cfg("dataloaders=sdxl_cache", "dataloaders.root=/nonexistent")[group])
+            continue
+        if group == "model" and option == "sdxl_lora":  # SDXL's weights are not here (offline): say what to do
+            with pytest.raises(Exception, match="cannot load SDXL .* pass a local diffusers folder"):
+                instantiate(make_cfg(f"model={option}")[group])
+            continue
+        if option in ("prompts", "sdxl_prompts") or (group == "dataloaders" and option in ("captions", "webdataset")):
+            continue  # need captioned data and a tokenizer: built in tests/test_glide_training.py, test_sdxl_lora.py
         cfg = make_cfg(f"{group}={option}", *extra)
         with torch.device("meta" if group == "model" else "cpu"):  # DiT-XL on meta: no 2.7 GB allocation
             obj = instantiate(cfg[group])
