@@ -164,6 +164,8 @@ def build_random(configs: dict[str, Any], tokenizer_folder: Path) -> SDXLCompone
     ``text_encoder``, ``text_encoder_2``, ``scheduler``: the classes' own keyword arguments), for
     tests and memory benchmarks; tokenizers from ``clip_tokenizers``."""
     tokenizer, tokenizer_2 = clip_tokenizers(tokenizer_folder)
+    with torch.device("cpu"):  # the schedule's tables live on the CPU whatever device the weights are built on
+        scheduler = EulerDiscreteScheduler(**configs["scheduler"])
     return SDXLComponents(
         unet=UNet2DConditionModel(**configs["unet"]),
         vae=AutoencoderKL(**configs["vae"]),
@@ -171,5 +173,5 @@ def build_random(configs: dict[str, Any], tokenizer_folder: Path) -> SDXLCompone
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
+        scheduler=scheduler,
     )

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.utils import save_image
 
 from evaluation.clip_score import CLIPScore, read_prompts
 from evaluation.errors import EvaluationError
+from evaluation.prompt_eval import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ class PipelinePromptEval:
                 height=self.image_size, width=self.image_size, generator=generators,
             ).cpu()  # fmt: skip
         model.train(was_training)
-        name = "grid_final.png" if out_dir is not None else f"grid_step{step or 0:07d}.png"
-        for folder in [out_dir] if out_dir is not None else [self.grid_dir] if self.grid_dir else []:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_image(images, folder / name, nrow=self.samples_per_prompt if self.samples_per_prompt > 1 else 8)
+        save_grid(images, self.samples_per_prompt, self.grid_dir, out_dir, step)
         if self.clip is None:
             return {}
         return {"eval/clip_score": float(self.clip.score_images(images, prompts).mean())}

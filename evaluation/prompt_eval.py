@@ -32,6 +32,16 @@ class ClipTextEncoder(Protocol):
     def encode_text(self, captions: list[str]) -> Tensor: ...
 
 
+def save_grid(images: Tensor, per_prompt: int, grid_dir: Path | None, out_dir: Path | None, step: int | None) -> None:
+    """``grid_step*.png`` in ``grid_dir`` during training; ``grid_final.png`` in both folders at the end
+    (``out_dir`` given). One row per prompt when it has several samples."""
+    folders = [d for d in (grid_dir, out_dir) if d is not None]
+    name = "grid_final.png" if out_dir is not None else f"grid_step{step or 0:07d}.png"
+    for folder in folders if out_dir is not None else folders[:1]:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(images, folder / name, nrow=per_prompt if per_prompt > 1 else 8)
+
+
 class PromptGridEval:
     """Samples ``samples_per_prompt`` images for each prompt and writes them as one grid.
 
@@ -112,12 +122,7 @@ class PromptGridEval:
             samples = solver(model, noise, cond, self.guidance_scale, torch.Generator(device).manual_seed(self.seed))
         model.train(was_training)
         images = ((samples.float() + 1) / 2).clamp(0, 1).cpu()
-        folders = [d for d in (self.grid_dir, out_dir) if d is not None]
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-        name = "grid_final.png" if out_dir is not None else f"grid_step{step or 0:07d}.png"
-        for folder in folders if out_dir is not None else folders[:1]:
-            save_image(images, folder / name, nrow=self.samples_per_prompt if self.samples_per_prompt > 1 else 8)
+        save_grid(images, self.samples_per_prompt, self.grid_dir, out_dir, step)
         metrics = {}
         if self.clip is not None:
             metrics["eval/clip_score"] = float(self.clip.score_images(images, prompts).mean())

@@ -7,7 +7,7 @@ LoRA training steps at 512 px rank 4 and 1024 px rank 16.
     python scripts/bench_sdxl_lora.py --tiny --device cpu --steps 2   # the step loop on a tiny SDXL (smoke)
 
 Steps use random weights (a step's cost does not depend on them), batch 1, the training recipe of
-``experiment=sdxl_lora``: UNet weights bf16 under bf16 autocast, text encoders fp16, VAE fp32, LoRA
+``experiment=sdxl_lora``: UNet weights bf16 under bf16 autocast, text encoders bf16, VAE fp32, LoRA
 fp32 on the UNet's attention (``attention_out``), gradient checkpointing, SDPA, AdamW; every step
 encodes its image with the VAE and its caption with both text encoders (no cache). Median of
 ``--steps`` after one warm-up; peak memory is ``torch.cuda.max_memory_allocated``.
@@ -33,7 +33,7 @@ from training.benchmark import time_steps
 from training.compose import compose_config
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-RECIPE = {"unet": "bf16", "text_encoder": "fp16", "text_encoder_2": "fp16", "vae": "fp32"}
+RECIPE = {"unet": "bf16", "text_encoder": "bf16", "text_encoder_2": "bf16", "vae": "fp32"}
 CASES = ((512, 4), (1024, 16))
 
 
@@ -62,7 +62,7 @@ def step_row(configs: dict[str, dict[str, Any]], folder: Path, size: int, rank: 
         parts = build_random(configs, folder)
     cpu = device.type != "cuda"
     model = SDXLLoRA(parts, lora_rank=rank, lora_alpha=16, unet_dtype="float32" if cpu else "bfloat16",
-                     text_encoder_dtype="float32" if cpu else "float16").to(device)  # fmt: skip
+                     text_encoder_dtype="float32" if cpu else "bfloat16").to(device)  # fmt: skip
     precision = instantiate(compose_config([f"precision={'fp32' if cpu else 'bf16'}"]).precision)
     precision.check(device)
     precision.apply()

@@ -22,6 +22,7 @@ from dataloaders.caption_preprocess import Preprocess
 from losses.sdxl import SDXLDiffusionLoss, min_snr_weights
 from scripts import extract_lora, generate, precompute_sdxl
 from tests.sdxl_helpers import FP32, save_tiny_sdxl
+from tests.test_caption_data import photos, shards  # noqa: F401  (fixtures)
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
 from training.train import train
@@ -232,17 +233,20 @@ def test_text_encoder_lora_trains_both_encoders(make_cfg, sdxl: Path, captioned:
     assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[2], want[2], atol=1e-6)
 
 
-def test_the_presets_bf16_recipe_runs(make_cfg, sdxl: Path, captioned: Path):
+def test_the_presets_bf16_recipe_trains_on_webdataset_shards(make_cfg, sdxl: Path, shards: Path):  # noqa: F811
     """The preset's dtypes as they are (bf16 UNet and text encoders, fp32 VAE and LoRA, bf16 autocast),
-    through training and the pipeline's sampling, which decodes with the fp32 VAE."""
-    cfg = make_cfg("experiment=sdxl_lora", f"model.pretrained={sdxl}", *folder_data(captioned), "max_steps=2",
+    on WebDataset shards, through training and the pipeline's sampling, which decodes with the fp32 VAE."""
+    data = ["dataloaders=webdataset", f"dataloaders.urls='{shards}/{{00000..00001}}.tar'", "dataloaders.num_workers=0",
+            "dataloaders.num_eval=2", "dataloaders.shuffle_buffer=8", "dataloaders.wds_tar_size=8"]  # fmt: skip
+    cfg = make_cfg("experiment=sdxl_lora", f"model.pretrained={sdxl}", *data, "max_steps=2",
                    f"dataloaders.image_size={SIZE}", "dataloaders.batch_size=2", "eval.num_inference_steps=2",
                    "eval.samples_per_prompt=1", "eval.every_epochs=0", "trainer.grad_accum=1")  # fmt: skip
     metrics, objects = train(cfg)
     model = objects["model"]
     assert model.unet.dtype == model.text_encoder.dtype == torch.bfloat16 and model.vae.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    assert np.isfinite(metrics["train/final_loss"]) and (objects["run_dir"] / "grid_final.png").is_file()
+    assert objects["trainer"].step == 2 and np.isfinite(metrics["train/final_loss"])
+    assert (objects["run_dir"] / "grid_final.png").is_file()
 
 
 def test_min_snr_weights_and_v_prediction(sdxl: Path, tmp_path: Path):
