@@ -173,7 +173,8 @@ def test_generate_writes_coco_triplets_with_per_image_seeds(sdxl: Path, trained:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na blue square\na green square\n")
     common = ["--pretrained", str(sdxl), "--prompt-file", str(prompts), "--shuffle", "--seed", "7", "--steps", "2",
-              "--image-size", "64x48", "--lora", str(trained["checkpoint"].parent / "last_lora")]  # fmt: skip
+              "--image-size", "64x48", "--scheduler", "euler_a",  # fresh noise each step, from the image's seed
+              "--lora", str(trained["checkpoint"].parent / "last_lora")]  # fmt: skip
     assert generate.main([*common, "--num-images", "5", "--batch-size", "2", "--out-dir", str(tmp_path / "a")]) == 0
     assert generate.main([*common, "--num-images", "3", "--batch-size", "1", "--out-dir", str(tmp_path / "b")]) == 0
     order = generate.image_prompts(["a red square", "a blue square", "a green square"], 5, True, 7)
@@ -266,9 +267,10 @@ def test_min_snr_weights_and_v_prediction(sdxl: Path, tmp_path: Path):
     recording_model.noise_scheduler = model.noise_scheduler  # type: ignore[attr-defined]
     recording_model.latents = lambda batch: batch["latents"]  # type: ignore[attr-defined]
     torch.manual_seed(0)
-    out = SDXLDiffusionLoss()(recording_model, {"latents": latents, "cond": {}})  # type: ignore[arg-type]
+    out = SDXLDiffusionLoss(noise_offset=0.1)(recording_model, {"latents": latents, "cond": {}})  # type: ignore[arg-type]
     torch.manual_seed(0)
-    noise = torch.randn_like(latents)
+    noise = torch.randn_like(latents) + 0.1 * torch.randn(2, 4, 1, 1)  # the offset: one shift per sample and channel
+    assert torch.allclose(seen["x"], model.noise_scheduler.add_noise(latents, noise, seen["t"]))
     v = model.noise_scheduler.get_velocity(latents, noise, seen["t"])
     assert torch.allclose(out.loss, (v**2).mean())  # zero prediction: the loss is the v target's power
 
