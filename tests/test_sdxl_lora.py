@@ -96,7 +96,7 @@ def test_training_lowers_the_loss_and_trains_only_the_lora(trained: dict, sdxl: 
     torch.manual_seed(0)
     fresh_lora = fresh.state_dict()
     before, after = fixed_loss(fresh, batch), fixed_loss(model, batch)
-    assert after < 0.95 * before, (before, after)  # a tiny random UNet: ~10% in 60 steps
+    assert after < 0.95 * before, (before, after)  # a tiny random UNet: 1.192 -> 1.104 (0.93x) in 60 steps
     base_now = {n: p for n, p in model.named_parameters() if not is_lora_key(n)}
     for name, p in fresh.named_parameters():
         if not is_lora_key(name):
