@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts.bench_meanflow import (
     FM_STEP,
     MF_AUTOCAST_JVP,
@@ -20,6 +22,7 @@ TINY_UNET = ["--unet-steps", "4", "--log-every", "2", "--repeats", "2", "--unet-
              "--unet-res-blocks", "1"]  # fmt: skip
 
 
+@pytest.mark.slow  # a benchmark's smoke run, like the other bench_* ones: keeps the default suite under 10 min
 def test_tiny_run_prints_every_table_and_writes_every_run(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--parts", "2d", "unet", "dit", *TINY_2D, *TINY_UNET, "--out", str(out)])
