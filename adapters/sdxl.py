@@ -197,42 +197,31 @@ class SDXLLoRA(nn.Module):
             parts.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
         return parts
 
-    def save_lora(self, folder: Path, kohya: bool = False) -> list[Path]:
-        """``pytorch_lora_weights.safetensors`` (diffusers) and with ``kohya`` its kohya-format copy."""
+    def save_lora(self, folder: Path, diffusers: bool = True, kohya: bool = False) -> list[Path]:
+        """``pytorch_lora_weights.safetensors`` (diffusers) and/or its kohya-format copy; their paths."""
         parts = self.lora_parts()
-        written = [folder / LORA_FILE]
-        save_diffusers(written[0], parts, self.base)
+        written = []
+        if diffusers:
+            written.append(folder / LORA_FILE)
+            save_diffusers(written[-1], parts, self.base)
         if kohya:
             written.append(folder / KOHYA_FILE)
-            save_kohya(written[1], parts, {name: self.lora_alpha for name in parts})
+            save_kohya(written[-1], parts, self.lora_alpha)
         return written
 
     # --- encoders ----------------------------------------------------------------------------
-    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids (B, 2, 77) -> (prompt_embeds (B, 77, 2048), pooled (B, 1280)), as the SDXL
-        pipeline computes them: both encoders' penultimate hidden states side by side, and
-        OpenCLIP-G's projected pooled output. No gradient unless the text encoders carry LoRA."""
-        with torch.set_grad_enabled(self.text_encoder_lora and torch.is_grad_enabled()):
-            first = self.text_encoder(tokens[:, 0], output_hidden_states=True)
-            second = self.text_encoder_2(tokens[:, 1], output_hidden_states=True)
-            embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            return embeds, second.text_embeds
-
-    @torch.no_grad()
-    def encode_images(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] -> scaled latents, with the VAE in its own dtype outside autocast."""
-        with torch.autocast(x.device.type, enabled=False):
-            latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
-        return latents.float() * self.vae.config.scaling_factor
-
     def latents(self, batch: dict[str, Any]) -> Tensor:
         """The batch's latents: cached (``batch["latents"]``) or encoded from its images."""
-        return batch["latents"].float() if "latents" in batch else self.encode_images(batch["x1"])
+        return batch["latents"].float() if "latents" in batch else encode_images(self.vae, batch["x1"])
 
     def text(self, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        embeds, pooled = (
-            (cond["prompt_embeds"], cond["pooled"]) if "prompt_embeds" in cond else self.encode_text(cond["tokens"])
-        )
+        """(prompt_embeds, pooled): cached, or encoded (with gradient only if the encoders carry LoRA);
+        rows of ``cond["drop_text"]`` zeroed."""
+        if "prompt_embeds" in cond:
+            embeds, pooled = cond["prompt_embeds"], cond["pooled"]
+        else:
+            with torch.set_grad_enabled(self.text_encoder_lora and torch.is_grad_enabled()):
+                embeds, pooled = encode_prompt(self.text_encoder, self.text_encoder_2, cond["tokens"])
         if "drop_text" in cond:
             keep = (~cond["drop_text"]).to(embeds.dtype)
             embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]

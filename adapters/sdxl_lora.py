@@ -106,14 +106,14 @@ def save_diffusers(path: Path, parts: dict[str, Any], base: dict[str, Any]) -> N
         os.replace(written, path)
 
 
-def save_kohya(path: Path, parts: dict[str, nn.Module], alphas: dict[str, float]) -> None:
-    """The kohya-format copy: ``lora_unet_``/``lora_te1_``/``lora_te2_`` keys with each layer's alpha."""
+def save_kohya(path: Path, parts: dict[str, nn.Module], alpha: float) -> None:
+    """The kohya-format copy: ``lora_unet_``/``lora_te1_``/``lora_te2_`` keys, each layer with the trained alpha."""
     state: dict[str, Tensor] = {}
     for name, module in parts.items():
         prefixed = {f"{name}.{k}": v for k, v in peft_state(module).items()}
         converted = convert_state_dict_to_kohya(prefixed)
         for key, value in converted.items():
-            state[key] = torch.tensor(float(alphas[name])) if key.endswith(".alpha") else value.contiguous()
+            state[key] = torch.tensor(float(alpha)) if key.endswith(".alpha") else value.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
@@ -128,10 +128,14 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise LoraFileError(f"{path} is not a readable .safetensors file ({e}); pass a LoRA weights file") from e
 
 
-def lora_file_base(path: Path) -> dict[str, Any] | None:
-    """The base a LoRA file says it was trained on (our files only; None for others')."""
-    _, metadata = read_safetensors(path)
+def lora_base(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The base a LoRA file's metadata says it was trained on (our files only; None for others')."""
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+
+
+def lora_file_base(path: Path) -> dict[str, Any] | None:
+    with safe_open(str(path), "pt") as f:
+        return lora_base(dict(f.metadata() or {}))
 
 
 def check_fits(path: Path, tensors: dict[str, Tensor], parts: dict[str, nn.Module]) -> None:

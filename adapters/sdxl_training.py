@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from adapters.sdxl import SDXLLoRA
-from adapters.sdxl_lora import KOHYA_FILE, save_kohya
 from dataloaders.sdxl_cache import SDXLCacheData
 from training.callbacks import Callback
 from training.checkpoint import load_checkpoint
@@ -79,8 +78,4 @@ def export_checkpoint(
     model = model_from_state(state, checkpoint, use_ema=use_ema)
     if not isinstance(model, SDXLLoRA):
         raise UserError(f"{checkpoint} rebuilt a {type(model).__name__}, not an SDXL LoRA model")
-    if diffusers:
-        return model.save_lora(out_dir, kohya=kohya)
-    path = out_dir / KOHYA_FILE
-    save_kohya(path, model.lora_parts(), {name: model.lora_alpha for name in model.lora_parts()})
-    return [path]
+    return model.save_lora(out_dir, diffusers=diffusers, kohya=kohya)

@@ -41,10 +41,10 @@ class Loss:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP's and ``torch.compile``'s wrappers, for a loss that needs the model's
     frozen helpers (a VAE, a noise schedule) beside its forward pass."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
+    while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-    return model
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model

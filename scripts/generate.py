@@ -35,7 +35,7 @@ from torchvision.utils import save_image
 
 from adapters.sdxl import sample
 from adapters.sdxl_components import SDXLWeightsError, dtype_of, load_components
-from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_file_base, read_safetensors
+from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_base, read_safetensors
 from adapters.sdxl_training import export_checkpoint
 from models.fingerprint import weights_fingerprint
 from training.cli import positive_int
@@ -99,18 +99,19 @@ def lora_weights_file(source: Path, scratch: Path) -> Path:
 
 def load_pipeline(args: argparse.Namespace, scratch: Path) -> StableDiffusionXLPipeline:
     parts = load_components(args.pretrained, args.config)
-    fingerprint = weights_fingerprint(parts.unet.named_parameters())  # before LoRA layers rename weights
+    # what our LoRA files record: the fp32 weights' fingerprint, so it is taken before the cast
+    fingerprint = weights_fingerprint(parts.unet.named_parameters()) if args.lora is not None else None
     pipe = StableDiffusionXLPipeline(**vars(parts))
     dtype = dtype_of(args.dtype)
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         module.to(dtype)
     if args.lora is not None:
         path = lora_weights_file(Path(args.lora), scratch)
-        tensors, _ = read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
         if any(k.startswith(("unet.", "text_encoder")) for k in tensors):  # diffusers' format: check shapes
             check_fits(path, tensors, {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
                                        "text_encoder_2": pipe.text_encoder_2})  # fmt: skip
-        base = lora_file_base(path)
+        base = lora_base(metadata)
         if base is not None and base["unet_fingerprint"] != fingerprint:
             log.warning(
                 "%s was trained on %s, whose UNet weights differ from %s's: applying it anyway "
