@@ -5,7 +5,7 @@ model contract ``forward(x, t, r, cond)`` so the generic trainer trains it.
 text, either as token ids of the two tokenizers (``tokens`` (B, 2, 77), from ``SDXLTokenizer`` in the
 data pipeline) or precomputed (``prompt_embeds`` (B, 77, 2048), ``pooled`` (B, 1280), from the
 cache), plus ``sizes`` (B, 6): original size, crop corner and target size, which are SDXL's
-``add_time_ids``. ``drop_text`` (B,) bool zeroes a row's text embeddings, the way SDXL itself was
+``add_time_ids``. ``drop`` (B,) bool zeroes a row's text embeddings, the way SDXL itself was
 trained for classifier-free guidance (and what its pipeline feeds for an empty negative prompt).
 
 Precision follows the notes of the project this replaces: the frozen UNet in bf16 (or fp16 under a
@@ -40,6 +40,7 @@ from adapters.sdxl_lora import (
     save_kohya,
     unet_targets,
 )
+from models.contract import Model
 from models.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class SDXLTokenizer:
     read on first use: a data set that never tokenizes (the latent/text cache) never needs them.
     """
 
+    kind = "sdxl"  # the tokens SDXLLoRA reads (training/compat.py)
+
     def __init__(self, tokenizers: list[CLIPTokenizer] | None = None, pretrained: str | None = None,
                  config: str | None = None):  # fmt: skip
         self._tokenizers = tokenizers
@@ -121,9 +124,18 @@ class SDXLTokenizer:
         return torch.stack(tokens, 1), torch.stack(masks, 1)
 
 
-class SDXLLoRA(nn.Module):
+class SDXLLoRA(Model):
     """SDXL (UNet, VAE, both text encoders, tokenizers, scheduler) frozen, with LoRA on the UNet's
     ``lora_target`` layers and, with ``text_encoder_lora``, on both text encoders' attention."""
+
+    data_kinds = ("captioned", "sdxl_cache")
+    output = "pipeline"  # latent eps/v for its own diffusers pipeline, which samples it (eval=sdxl_prompts)
+    tokenizer = "sdxl"
+
+    @classmethod
+    def learned_null(cls, settings: dict) -> bool:
+        """The frozen SDXL base learned the empty prompt: a LoRA can be guided without dropout of its own."""
+        return True
 
     def __init__(
         self,
@@ -216,14 +228,14 @@ class SDXLLoRA(nn.Module):
 
     def text(self, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(prompt_embeds, pooled): cached, or encoded (with gradient only if the encoders carry LoRA);
-        rows of ``cond["drop_text"]`` zeroed."""
+        rows of ``cond["drop"]`` (the null condition, models/conditioning.py) zeroed."""
         if "prompt_embeds" in cond:
             embeds, pooled = cond["prompt_embeds"], cond["pooled"]
         else:
             with torch.set_grad_enabled(self.text_encoder_lora and torch.is_grad_enabled()):
                 embeds, pooled = encode_prompt(self.text_encoder, self.text_encoder_2, cond["tokens"])
-        if "drop_text" in cond:
-            keep = (~cond["drop_text"]).to(embeds.dtype)
+        if "drop" in cond:
+            keep = (~cond["drop"]).to(embeds.dtype)
             embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         return embeds, pooled
 

@@ -11,12 +11,25 @@ union the global batch), so N processes see the batches one process sees.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 Sampler = Callable[..., Tensor]  # sampler(n, generator=...) -> (n, *shape)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a data set offers its evaluator (``data.eval_inputs()``): the held-out ``reference`` set, the
+    number of classes (0: unconditional), the held-out captions of captioned data, and ``decode``
+    (latents -> pixels in [-1, 1]) for latent data."""
+
+    reference: Tensor
+    num_classes: int = 0
+    captions: list[str] | None = None
+    decode: Callable[[Tensor], Tensor] | None = None
 
 
 def process_shard() -> tuple[int, int]:
@@ -81,6 +94,8 @@ class SampledData:
     and scored against the same samples, which keeps energy distances comparable.
     """
 
+    kind = "dense"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+
     def __init__(
         self,
         sampler: Sampler,
@@ -101,3 +116,6 @@ class SampledData:
 
     def train_loader(self, device: torch.device, seed: int) -> TensorLoader:
         return TensorLoader(self.train_set.to(device), self.batch_size, seed)
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes)

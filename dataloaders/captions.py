@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.base import process_shard, rank_slice
+from dataloaders.base import HeldOut, process_shard, rank_slice
 from dataloaders.caption_preprocess import (
     DECODE_ERRORS,
     Preprocess,
@@ -249,6 +249,8 @@ class CaptionFolderData:
     ``clip_cache``: CLIP embeddings from ``name.clip`` files beside the images (batches gain ``cond["clip"]``).
     """
 
+    kind = "captioned"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+
     def __init__(
         self,
         root: str,
@@ -357,3 +359,6 @@ class CaptionFolderData:
         return CaptionLoader(chunks, length, shard.stop - shard.start, self.tokenizer, device,
                              rank_seed(run_seed, rank), self.uncond_p, name=f"captions {self.root}",
                              clip=self.clip_cache)  # fmt: skip
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from dataloaders.base import TensorLoader, rank_slice
+from dataloaders.base import HeldOut, TensorLoader, rank_slice
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class DigitsData:
     ``num_eval`` images, chosen with ``data_seed``, are held out; the rest train (with labels as
     ``cond`` when ``class_conditional``).
     """
+
+    kind = "image"  # what it serves (training/compat.py checks models, losses and evaluators against it)
 
     def __init__(
         self,
@@ -75,6 +77,9 @@ class DigitsData:
         if self.num_classes:
             tensors["cond"] = self.train_labels.to(device)
         return TensorLoader(tensors, self.batch_size, seed)
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes)
 
 
 class EpochLoader:
@@ -159,6 +164,8 @@ def image_transform(image_size: int, center_crop: bool, hflip: bool) -> transfor
 class _SplitData:
     """Shared tail of the folder-backed sets: held-out tensor, loader, shape."""
 
+    kind = "image"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+
     train: Dataset
     held_out: Dataset
     batch_size: int
@@ -176,6 +183,9 @@ class _SplitData:
 
     def train_loader(self, device: torch.device, seed: int) -> EpochLoader:
         return EpochLoader(self.train, self.batch_size, seed, device, self.num_workers, self.num_classes > 0)
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes)
 
 
 class FolderData(_SplitData):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from dataloaders.base import TensorLoader
+from dataloaders.base import HeldOut, TensorLoader
 from models.vae import SDVAE, require_vae  # decodes samples for evaluation; the data set itself needs no VAE
 
 MANIFEST = "manifest.json"
@@ -91,6 +91,8 @@ class LatentData:
     latents form ``eval_set`` and neither copy trains. ``vae`` decodes latents for evaluation
     (``decode``); null means the VAE named in the manifest, the one that encoded them.
     """
+
+    kind = "latent"  # what it serves (training/compat.py checks models, losses and evaluators against it)
 
     def __init__(
         self,
@@ -166,3 +168,6 @@ class LatentData:
                 )
             self._decoder = decoder
         return self._decoder.to(latents.device).decode(latents)
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes, decode=self.decode)

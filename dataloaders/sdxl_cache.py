@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from dataloaders.base import TensorLoader
+from dataloaders.base import HeldOut, TensorLoader
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class SDXLCacheData:
     so that one experiment config composes with either.
     """
 
+    kind = "sdxl_cache"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+
     text_cached = True  # the text encoders never run: a text-encoder LoRA cannot train on this data
 
     def __init__(
@@ -134,3 +136,6 @@ class SDXLCacheData:
 
     def train_loader(self, device: torch.device, seed: int) -> SDXLCacheLoader:
         return SDXLCacheLoader(self.train, self.batch_size, seed, device)
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
-from dataloaders.base import process_shard, rank_slice
+from dataloaders.base import HeldOut, process_shard, rank_slice
 from dataloaders.caption_preprocess import DECODE_ERRORS, Preprocess, load_image, make_chunk, mix_seed, pick_caption
 from dataloaders.captions import (
     CaptionLoader,
@@ -273,6 +273,8 @@ class WebDatasetData:
     ``clip_cache``: CLIP embeddings from a shard cache (batches gain ``cond["clip"]``).
     """
 
+    kind = "captioned"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+
     def __init__(
         self,
         urls: str,
@@ -390,3 +392,6 @@ class WebDatasetData:
         return CaptionLoader(chunks, self.length, per_rank, self.tokenizer, device, rank_seed(run_seed, rank),
                              self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled,
                              clip=self.clip_cache)  # fmt: skip
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)

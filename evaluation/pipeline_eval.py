@@ -7,16 +7,16 @@ seeds (``seed + index``) so grids across a run differ only through the weights.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from dataloaders.base import HeldOut
 from evaluation.clip_score import CLIPScore, read_prompts
+from evaluation.context import EvalContext
 from evaluation.errors import EvaluationError
 from evaluation.prompt_eval import save_grid
 
@@ -27,6 +27,10 @@ class PipelinePromptEval:
     """``samples_per_prompt`` images per prompt through the model's pipeline, written as one grid
     (``grids/grid_step*.png`` during training, ``grid_final.png`` in the run directory at the end);
     with ``clip`` set, their CLIP score against the prompts is logged."""
+
+    data_kinds = ("captioned", "sdxl_cache")
+    model_outputs = ("pipeline",)
+    uses_sampler = False  # the model's own pipeline and scheduler sample it
 
     def __init__(
         self,
@@ -62,30 +66,22 @@ class PipelinePromptEval:
     def prepare(self, device: torch.device) -> None:
         """Nothing to load ahead: the pipeline is the model's own."""
 
-    def settings(self, solver: Any) -> dict[str, Any]:
+    def settings(self, solver: None) -> dict[str, Any]:
         return {
+            "eval/sampler": "pipeline",  # the model's own diffusers pipeline and scheduler
             "eval/num_inference_steps": self.num_inference_steps,
             "eval/guidance_scale": self.guidance_scale,
             "eval/seed": self.seed,
             "eval/num_prompts": len(self.prompts),
         }
 
-    def __call__(
-        self,
-        model: nn.Module,
-        solver: Any,
-        reference: Tensor,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        out_dir: Path | None = None,
-        step: int | None = None,
-        **_: Any,
-    ) -> dict[str, float]:
+    def __call__(self, model: nn.Module, solver: None, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        device, step, out_dir = ctx.device, ctx.step, ctx.out_dir
         prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
         generators = [torch.Generator(device).manual_seed(self.seed + i) for i in range(len(prompts))]
         was_training = model.training
         model.eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), ctx.autocast():
             images = model.sample(  # type: ignore[operator]
                 prompt=prompts, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                 height=self.image_size, width=self.image_size, generator=generators,

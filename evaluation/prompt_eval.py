@@ -8,7 +8,6 @@ shown held-out images: their captions and their downsampled copies are its input
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +18,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from dataloaders.base import HeldOut
 from evaluation.clip_score import CLIPScore, read_prompts
+from evaluation.context import EvalContext
 from evaluation.errors import EvaluationError
+from evaluation.sample_eval import sampler_settings
+from evaluation.sampling import sample
+from solvers.base import Sampler
 
 log = logging.getLogger(__name__)
 
 Tokenizer = Callable[[list[str]], tuple[Tensor, Tensor]]
-Sampler = Callable[..., Tensor]
 
 
 class ClipTextEncoder(Protocol):
@@ -46,12 +49,16 @@ class PromptGridEval:
     """Samples ``samples_per_prompt`` images for each prompt and writes them as one grid.
 
     ``prompts`` (a list) or ``prompts_file`` (one per line) name what to draw; ``tokenizer`` is the
-    data's; ``solver`` is a diffusion sampler called as ``solver(model, noise, cond, guidance_scale,
-    generator)``. ``low_res_size`` makes the evaluation an upsampler's. ``clip_encoder`` (anything
+    data's; the sampler is the run's diffusion sampler at its configured respacing (``grid(0)``).
+    ``low_res_size`` makes the evaluation an upsampler's. ``clip_encoder`` (anything
     with ``encode_text(prompts) -> (N, D)``, e.g. ``adapters.clip_encoder.FrozenClip``) adds the
     prompts' CLIP embeddings as ``cond["clip"]``, for models with a CLIP adapter; guidance then acts
     on the text, with the CLIP embedding in both halves.
     """
+
+    data_kinds = ("captioned",)
+    model_outputs = ("eps_var",)
+    uses_sampler = True
 
     def __init__(
         self,
@@ -89,40 +96,30 @@ class PromptGridEval:
     def prepare(self, device: torch.device) -> None:
         """Nothing to load ahead: the CLIP scorer, if any, was built with the config."""
 
-    def settings(self, solver: Any) -> dict[str, Any]:
+    def settings(self, solver: Sampler) -> dict[str, Any]:
         return {
-            "eval/solver": repr(solver),
+            **sampler_settings(solver),
             "eval/guidance_scale": self.guidance_scale,
             "eval/seed": self.seed,
             "eval/num_prompts": len(self.prompts),
         }
 
-    def __call__(
-        self,
-        model: nn.Module,
-        solver: Sampler,
-        reference: Tensor,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        out_dir: Path | None = None,
-        num_classes: int = 0,
-        decode: Callable[[Tensor], Tensor] | None = None,
-        source: str = "",
-        step: int | None = None,
-        captions: list[str] | None = None,
-    ) -> dict[str, float]:
-        prompts, cond = self._conditioning(reference, captions, device)
+    def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        device = ctx.device
+        prompts, cond = self._conditioning(data.reference, data.captions, device)
         if self.clip_encoder is not None:
             cond["clip"] = self.clip_encoder.encode_text(prompts).to(device)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(len(prompts), 3, self.image_size, self.image_size, generator=g).to(device)
         was_training = model.training
         model.eval()
-        with torch.no_grad(), autocast():
-            samples = solver(model, noise, cond, self.guidance_scale, torch.Generator(device).manual_seed(self.seed))
+        solution, _ = sample(
+            model, solver, noise, 0, ctx.autocast, 0, cond, self.guidance_scale,
+            torch.Generator(device).manual_seed(self.seed),
+        )  # fmt: skip
         model.train(was_training)
-        images = ((samples.float() + 1) / 2).clamp(0, 1).cpu()
-        save_grid(images, self.samples_per_prompt, self.grid_dir, out_dir, step)
+        images = ((solution.x.float() + 1) / 2).clamp(0, 1).cpu()
+        save_grid(images, self.samples_per_prompt, self.grid_dir, ctx.out_dir, ctx.step)
         metrics = {}
         if self.clip is not None:
             metrics["eval/clip_score"] = float(self.clip.score_images(images, prompts).mean())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +12,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from dataloaders.base import HeldOut
+from evaluation.context import EvalContext
 from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
 from evaluation.fid_eval import FIDEval
 from evaluation.plots import plot_trajectories, scatter_samples
 from evaluation.sampling import ImageSampler, sample, to_unit_range
-from solvers.base import Solver
+from solvers.base import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ class EnergyDistanceEval:
     is run once and reported under ``@adaptive``. ``guidance_scale`` != 1 samples conditional
     models with classifier-free guidance. Images are scored on flattened pixels.
     """
+
+    data_kinds: tuple[str, ...] = ("dense", "image", "latent")
+    model_outputs: tuple[str, ...] = ("field",)
+    uses_sampler = True
 
     def __init__(
         self,
@@ -55,26 +60,13 @@ class EnergyDistanceEval:
         self.fid = fid
         self.every_steps = every_steps
 
-    def __call__(
-        self,
-        model: nn.Module,
-        solver: Solver,
-        reference: Tensor,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        out_dir: Path | None = None,
-        num_classes: int = 0,
-        decode: Callable[[Tensor], Tensor] | None = None,
-        source: str = "",
-        step: int | None = None,
-        captions: list[str] | None = None,
-    ) -> dict[str, float]:
-        """Scores as flat keys (``eval/energy_distance@nfe10``); with ``out_dir`` (the final
-        evaluation) also writes the samples and plots there (``write_artifacts``). ``source`` names
-        the weights evaluated (checkpoint and step) where samples are kept on disk."""
+    def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        """Scores as flat keys (``eval/energy_distance@nfe10``); with ``ctx.out_dir`` (the final
+        evaluation) also writes the samples and plots there (``write_artifacts``)."""
+        reference = data.reference
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.num_samples, *reference.shape[1:], generator=g)
-        labels = torch.arange(self.num_samples) % num_classes if num_classes else None
+        labels = torch.arange(self.num_samples) % data.num_classes if data.num_classes else None
         was_training = model.training
         model.eval()
         metrics: dict[str, float] = {}
@@ -82,17 +74,18 @@ class EnergyDistanceEval:
         trajectory = None
         keys = self.budgets(solver)
         for i, key in enumerate(keys):
-            want_path = self.trajectory_points if (out_dir is not None and i == len(keys) - 1) else 0
-            x, used, path = self._generate(model, solver, noise, labels, _nfe(key), device, autocast, want_path)
-            metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(device), reference.to(device))
+            want_path = self.trajectory_points if (ctx.out_dir is not None and i == len(keys) - 1) else 0
+            x, used, path = self._generate(model, solver, noise, labels, _nfe(key), ctx, want_path)
+            metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(ctx.device), reference.to(ctx.device))
             metrics[f"eval/nfe_used@{key}"] = float(used)
             samples[key] = x
             trajectory = path if path is not None else trajectory
         model.train(was_training)
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            to_pixels = None if decode is None else (lambda z: decode(z.to(device)).float().cpu())
-            self.write_artifacts(reference.cpu(), samples, trajectory, out_dir, to_pixels)
+        if ctx.out_dir is not None:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            decode = data.decode
+            to_pixels = None if decode is None else (lambda z: decode(z.to(ctx.device)).float().cpu())
+            self.write_artifacts(reference.cpu(), samples, trajectory, ctx.out_dir, to_pixels)
         return metrics
 
     def prepare(self, device: torch.device) -> None:
@@ -102,14 +95,14 @@ class EnergyDistanceEval:
                 "FID/KID need image samples; eval=energy scores points: use eval=image with image data"
             )
 
-    def budgets(self, solver: Solver, nfe: list[int] | None = None) -> list[str]:
+    def budgets(self, solver: Sampler, nfe: list[int] | None = None) -> list[str]:
         """Metric keys of the NFE budgets: ``nfe10``..., or ``adaptive`` for an adaptive solver."""
         return ["adaptive"] if solver.adaptive else [f"nfe{n}" for n in (self.nfe if nfe is None else nfe)]
 
-    def settings(self, solver: Solver) -> dict[str, Any]:
+    def settings(self, solver: Sampler) -> dict[str, Any]:
         """How the scores were made, for metrics.json beside them."""
         return {
-            "eval/solver": solver_label(solver),
+            **sampler_settings(solver),
             "eval/num_samples": self.num_samples,
             "eval/seed": self.seed,
             "eval/guidance_scale": self.guidance_scale,
@@ -118,21 +111,23 @@ class EnergyDistanceEval:
     def _generate(
         self,
         model: nn.Module,
-        solver: Solver,
+        solver: Sampler,
         noise: Tensor,
         labels: Tensor | None,
         nfe: int,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager],
+        ctx: EvalContext,
         trajectory_points: int,
     ) -> tuple[Tensor, int, Tensor | None]:
         """Samples in chunks of ``batch_size`` (so 50k images never sit on the device at once)."""
         out, used, trajectory = [], 0, None
+        generator = torch.Generator().manual_seed(self.seed + 1)  # ancestral samplers' fresh noise
         for start in range(0, len(noise), self.batch_size):
-            chunk = noise[start : start + self.batch_size].to(device)
-            cond = None if labels is None else labels[start : start + self.batch_size].to(device)
+            chunk = noise[start : start + self.batch_size].to(ctx.device)
+            cond = None if labels is None else labels[start : start + self.batch_size].to(ctx.device)
             points = trajectory_points if start == 0 else 0
-            solution, path = sample(model, solver, chunk, nfe, autocast, points, cond, self.guidance_scale)
+            solution, path = sample(
+                model, solver, chunk, nfe, ctx.autocast, points, cond, self.guidance_scale, generator
+            )
             out.append(solution.x.float().cpu())
             used = solution.nfe
             trajectory = path if path is not None else trajectory
@@ -146,7 +141,11 @@ class EnergyDistanceEval:
         out_dir: Path,
         decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        """``samples_{key}.npy``, ``samples.png`` (data beside samples) and ``trajectories.png``."""
+        """``samples_{key}.npy``, ``samples.png`` (data beside samples) and ``trajectories.png``;
+        for images, ``grid_{key}.png`` per budget and ``grid_data.png`` instead of the scatter plots."""
+        if reference.ndim > 2:
+            write_image_artifacts(reference, samples, out_dir, decode)
+            return
         for key, x in samples.items():
             np.save(out_dir / f"samples_{key}.npy", x.numpy())
         scatter_samples(reference.numpy(), {k: v.numpy() for k, v in samples.items()}, out_dir / "samples.png")
@@ -163,45 +162,37 @@ class ImageEval(EnergyDistanceEval):
     are decoded to pixels for the grids and FID, and scored in latent space by energy distance.
     """
 
-    def __call__(
-        self,
-        model: nn.Module,
-        solver: Solver,
-        reference: Tensor,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        out_dir: Path | None = None,
-        num_classes: int = 0,
-        decode: Callable[[Tensor], Tensor] | None = None,
-        source: str = "",
-        step: int | None = None,
-        captions: list[str] | None = None,
-    ) -> dict[str, float]:
-        metrics = super().__call__(
-            model, solver, reference, device, autocast, out_dir, num_classes, decode, source, step, captions
-        )
-        if out_dir is None or self.fid is None or not self.fid.enabled:
+    data_kinds = ("image", "latent")
+
+    def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        metrics = super().__call__(model, solver, data, ctx)
+        if ctx.out_dir is None or self.fid is None or not self.fid.enabled:
             return metrics
         was_training = model.training
         model.eval()
+        decode = data.decode
         generators = {
             key: ImageSampler(
                 model,
                 solver,
                 _nfe(key),
-                tuple(reference.shape[1:]),
-                device,
-                autocast,
+                tuple(data.reference.shape[1:]),
+                ctx.device,
+                ctx.autocast,
                 self.fid.seed,
-                num_classes,
+                data.num_classes,
                 self.guidance_scale,
-                None if decode is None else (lambda z: decode(z.to(device))),
+                None if decode is None else (lambda z: decode(z.to(ctx.device))),
             )
             for key in self.budgets(solver, self.fid.nfe)
         }
         settings = self.settings(solver)
-        folder_settings = {"source": source, "solver": settings["eval/solver"], "guidance_scale": self.guidance_scale}
-        metrics.update(self.fid(generators, folder_settings, device))
+        folder_settings = {
+            "source": ctx.source,
+            "solver": settings["eval/solver"],
+            "guidance_scale": self.guidance_scale,
+        }
+        metrics.update(self.fid(generators, folder_settings, ctx.device))
         model.train(was_training)
         return metrics
 
@@ -209,24 +200,21 @@ class ImageEval(EnergyDistanceEval):
         if self.fid is not None and self.fid.enabled:
             self.fid.reference_stats(device)
 
-    def settings(self, solver: Solver) -> dict[str, Any]:
+    def settings(self, solver: Sampler) -> dict[str, Any]:
         fid = {} if self.fid is None or not self.fid.enabled else self.fid.settings()
         return {**super().settings(solver), **fid}
 
-    def write_artifacts(
-        self,
-        reference: Tensor,
-        samples: dict[str, Tensor],
-        trajectory: Tensor | None,
-        out_dir: Path,
-        decode: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        """Latent samples (``decode`` given) are saved raw; only their grids are decoded to pixels."""
-        pictures = to_unit_range if decode is None else (lambda x: to_unit_range(decode(x)))
-        for key, x in samples.items():
-            np.save(out_dir / f"samples_{key}.npy", (to_unit_range(x) if decode is None else x).numpy())
-            save_image(pictures(x[:64]), out_dir / f"grid_{key}.png", nrow=8)
-        save_image(pictures(reference[:64]), out_dir / "grid_data.png", nrow=8)
+
+def write_image_artifacts(
+    reference: Tensor, samples: dict[str, Tensor], out_dir: Path, decode: Callable[[Tensor], Tensor] | None = None
+) -> None:
+    """Samples as (N, C, H, W) floats in [0, 1]; latent samples (``decode`` given) are saved raw and
+    only their grids are decoded to pixels."""
+    pictures = to_unit_range if decode is None else (lambda x: to_unit_range(decode(x)))
+    for key, x in samples.items():
+        np.save(out_dir / f"samples_{key}.npy", (to_unit_range(x) if decode is None else x).numpy())
+        save_image(pictures(x[:64]), out_dir / f"grid_{key}.png", nrow=8)
+    save_image(pictures(reference[:64]), out_dir / "grid_data.png", nrow=8)
 
 
 def _nfe(key: str) -> int:
@@ -234,8 +222,7 @@ def _nfe(key: str) -> int:
     return 0 if key == "adaptive" else int(key.removeprefix("nfe"))
 
 
-def solver_label(solver: Solver) -> str:
-    """``euler``, or ``dopri5(atol=1e-05, rtol=1e-05)`` for a solver with settings."""
-    options = sorted((k, v) for k, v in vars(solver).items() if isinstance(v, (int, float, str, bool)))
-    name = type(solver).__name__.lower()
-    return f"{name}({', '.join(f'{k}={v}' for k, v in options)})" if options else name
+def sampler_settings(sampler: Sampler) -> dict[str, Any]:
+    """The sampler by name and settings, for metrics.json: ``eval/sampler`` (``meanflow``, ``ddpm``),
+    ``eval/solver`` (its label with settings, ``dopri5(atol=1e-05, rtol=1e-05)``)."""
+    return {"eval/sampler": sampler.name, "eval/solver": sampler.label()}

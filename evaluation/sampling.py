@@ -1,15 +1,19 @@
-"""Generating samples from a velocity model with any solver."""
+"""Generating samples from a model with any sampler: the model-facing closures and one sampling call."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from solvers.base import ODESolution, Solver, Velocity
+from models.conditioning import Cond, null_condition
+from models.contract import diffusion_time
+from solvers.base import Sampler, Solution, Velocity
+from solvers.diffusion import Denoiser
 
 
 def velocity_of(model: nn.Module, cond: Tensor | None = None, guidance_scale: float = 1.0) -> Velocity:
@@ -31,19 +35,77 @@ def velocity_of(model: nn.Module, cond: Tensor | None = None, guidance_scale: fl
     return velocity
 
 
+def _with_null(cond: Cond) -> Cond:
+    """``cond`` followed by its null counterpart, as one batch of 2B."""
+    if isinstance(cond, Tensor):
+        return torch.cat([cond, torch.full_like(cond, -1)])
+    assert cond is not None
+    null = null_condition(cond)
+    assert isinstance(null, dict)
+    first = next(iter(cond.values()))
+    own = {**cond, "drop": cond.get("drop", torch.zeros(first.shape[0], dtype=torch.bool, device=first.device))}
+    return {k: torch.cat([v, null[k]]) for k, v in own.items()}
+
+
+def guided_denoiser(model: nn.Module, cond: Cond, guidance_scale: float = 1.0, steps: int = 1000) -> Denoiser:
+    """Wrap ``model(x, t, None, cond)`` as the diffusion samplers' ``denoiser(x, t) -> (eps, var_values)``.
+
+    A model with 2C output channels (GLIDE) returns eps and learned-variance values; one with C
+    channels eps alone (var_values None). With a scale other than 1, the conditional and
+    unconditional halves run as one batch of 2B, as GLIDE does: ``eps = eps_u + s (eps_c - eps_u)``;
+    the variance values come from the conditional half. The unconditional half is the null
+    condition (models/conditioning.py). Scale 1 is one plain conditional call. ``steps`` is the
+    training schedule's length, which turns a timestep into a field model's time.
+    """
+
+    def batch_t(x: Tensor, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))  # (B,)
+        return diffusion_time(model, t, steps)
+
+    def split(out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+        return out[:, :channels], (out[:, channels:] if out.shape[1] == 2 * channels else None)
+
+    def conditional(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        time = batch_t(x, t)
+        return split(model(x, time, time, cond).to(x.dtype), x.shape[1])
+
+    if cond is None or guidance_scale == 1.0:
+        return conditional
+    both = _with_null(cond)
+
+    def guided(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        t = batch_t(x, t)
+        t = torch.cat([t, t])
+        out = model(torch.cat([x, x]), t, t, both).to(x.dtype)  # (2B, C or 2C, ...)
+        cond_out, uncond_out = out.chunk(2)
+        (eps_c, var_values), (eps_u, _) = split(cond_out, x.shape[1]), split(uncond_out, x.shape[1])
+        return eps_u + guidance_scale * (eps_c - eps_u), var_values
+
+    return guided
+
+
+MODEL_FUNCTIONS: dict[str, Callable[..., Any]] = {"velocity": velocity_of, "denoiser": guided_denoiser}
+
+
+def model_fn(model: nn.Module, sampler: Sampler, cond: Cond = None, guidance_scale: float = 1.0) -> Callable[..., Any]:
+    """The closure over ``model`` that ``sampler`` integrates (its ``calls``, with its ``fn_options``)."""
+    return MODEL_FUNCTIONS[sampler.calls](model, cond, guidance_scale, **sampler.fn_options())
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
-    solver: Solver,
+    sampler: Sampler,
     noise: Tensor,
     nfe: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     trajectory_points: int = 0,
-    cond: Tensor | None = None,
+    cond: Cond = None,
     guidance_scale: float = 1.0,
-) -> tuple[ODESolution, Tensor | None]:
-    """Integrate ``noise`` to samples; with ``trajectory_points > 0`` also return the path of the
-    first that many points as a (T, N, D) tensor (T = steps + 1)."""
+    generator: torch.Generator | None = None,
+) -> tuple[Solution, Tensor | None]:
+    """Integrate ``noise`` to samples on ``sampler.grid(nfe)``; with ``trajectory_points > 0`` also
+    return the path of the first that many points as a (T, N, ...) tensor (T = steps + 1)."""
     path: list[Tensor] = []
     callback = None
     if trajectory_points:
@@ -53,7 +115,8 @@ def sample(
             path.append(x[:trajectory_points].float().cpu())
 
     with autocast():
-        solution = solver(velocity_of(model, cond, guidance_scale), noise, nfe, callback)
+        fn = model_fn(model, sampler, cond, guidance_scale)
+        solution = sampler(fn, noise, sampler.grid(nfe, noise.device), callback, generator)
     return solution, torch.stack(path) if path else None
 
 
@@ -73,7 +136,7 @@ class ImageSampler:
     def __init__(
         self,
         model: nn.Module,
-        solver: Solver,
+        solver: Sampler,
         nfe: int,
         shape: tuple[int, ...],
         device: torch.device,
@@ -97,6 +160,9 @@ class ImageSampler:
     def __call__(self, start: int, stop: int) -> Tensor:
         x0 = self.noise(start, stop).to(self.device)
         cond = torch.arange(start, stop, device=self.device) % self.num_classes if self.num_classes else None
-        solution, _ = sample(self.model, self.solver, x0, self.nfe, self.autocast, 0, cond, self.guidance_scale)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + start)  # ancestral samplers' noise
+        solution, _ = sample(
+            self.model, self.solver, x0, self.nfe, self.autocast, 0, cond, self.guidance_scale, generator
+        )
         x = solution.x if self.decode is None else self.decode(solution.x)
         return to_unit_range(x).cpu()

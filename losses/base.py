@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from models.contract import unwrap  # noqa: F401  (losses read a wrapped model's helpers through it)
+
 
 @dataclass
 class LossOutput:
@@ -30,21 +32,16 @@ class Loss:
     """
 
     fixed_model_calls = True
+    trains = ""  # what the model learns to predict: velocity | average_velocity | eps (training/compat.py)
+    model_outputs: tuple[str, ...] = ("field",)  # the model outputs it can train
+
+    @classmethod
+    def trainable_outputs(cls, settings: dict) -> tuple[str, ...]:
+        """``model_outputs`` for these settings (a loss option can need more of the model)."""
+        return cls.model_outputs
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         raise NotImplementedError
 
     def check(self, device: torch.device) -> None:
         pass
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP's and ``torch.compile``'s wrappers, for a loss that needs the model's
-    frozen helpers (a VAE, a noise schedule) beside its forward pass."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        else:
-            return model

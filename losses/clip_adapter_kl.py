@@ -30,15 +30,20 @@ class ClipAdapterKLLoss(DiffusionLoss):
     Metrics: ``adapter/kl`` and the diffusion terms of the adapted model.
     """
 
+    model_outputs = ("eps_var",)
+    model_traits = ("clip_adapter",)  # the KL compares the model with and without its CLIP adapter
+    data_kinds = ("captioned",)
+    needs_cond = ("clip",)  # the data's CLIP embeddings: dataloaders.clip_cache
+
     def __init__(
         self,
         noise_schedule: str = "squaredcos_cap_v2",
         steps: int = 1000,
         loss_type: str = "simple",
-        uncond_p: float = 0.2,
+        cond_dropout: float = 0.2,
         kl_weight: float = 0.1,
     ):
-        super().__init__(noise_schedule, steps, loss_type, uncond_p)
+        super().__init__(noise_schedule, steps, loss_type, cond_dropout)
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
         self.kl_weight = kl_weight
@@ -50,7 +55,7 @@ class ClipAdapterKLLoss(DiffusionLoss):
                 "configure dataloaders.clip_cache (see scripts/precompute_clip.py)"
             )
         x_start, x_t, t, noise, cond = self.noised(batch)
-        assert cond is not None
+        assert isinstance(cond, dict)
         rng = _rng_states(x_t.device)
         out = self.predict(model, x_t, t, cond)
         result = self.objective(out, x_start, x_t, t, noise)

@@ -6,70 +6,74 @@ import torch
 from torch import Tensor, nn
 
 from losses.base import Loss, LossOutput
+from models.conditioning import Cond, check_dropout, drop_condition
+from models.contract import diffusion_time
 from solvers.diffusion_schedule import DiffusionSchedule, betas_for, mean_flat
 
 LOSS_TYPES = ("simple", "hybrid")
-
-
-def drop_condition(cond: dict[str, Tensor] | None, p: float) -> dict[str, Tensor] | None:
-    """A copy of ``cond`` in which each row's text mask is all False with probability ``p``.
-
-    An all-False mask is GLIDE's empty caption, so the same model also learns the unconditional
-    prediction that classifier-free guidance needs. Tokens are left alone; the mask hides them.
-    """
-    if cond is None or p <= 0:
-        return cond
-    mask = cond["mask"]
-    drop = torch.rand(mask.shape[0], device=mask.device) < p
-    drop = drop.view(-1, *([1] * (mask.ndim - 1)))
-    return {**cond, "mask": torch.where(drop, torch.zeros_like(mask), mask)}
 
 
 class DiffusionLoss(Loss):
     """Nichol & Dhariwal (2021) training objective on discrete timesteps, as GLIDE trains it.
 
     The model is called ``model(x_t, t, None, cond)`` with t the (float) timestep on the original
-    ``steps`` scale and returns eps in the first C channels and learned-range variance values in
-    the last C. ``"simple"``: ``||eps - eps_hat||^2``. ``"hybrid"``: plus the variational bound
-    term L_t on the variance with the mean stop-gradded, so the VLB trains only the variance;
-    scaling it by ``steps / 1000`` is improved-diffusion's ``RESCALED_MSE``, i.e. lambda = 0.001
-    times the T-term bound. Batch: ``{"x1": images in [-1, 1], "cond": dict or None}``.
+    ``steps`` scale and returns eps in the first C channels and, for a model with a learned variance
+    (GLIDE), learned-range variance values in the last C; a model with C output channels (UNet,
+    DiT, CNN, MLP) predicts eps alone and samples with the fixed variance. ``"simple"``:
+    ``||eps - eps_hat||^2``. ``"hybrid"``: plus the variational bound term L_t on the variance with
+    the mean stop-gradded, so the VLB trains only the variance; scaling it by ``steps / 1000`` is
+    improved-diffusion's ``RESCALED_MSE``, i.e. lambda = 0.001 times the T-term bound.
+    ``cond_dropout``: the share of rows trained with the null condition (GLIDE's empty caption, or
+    the null class), for classifier-free guidance. Batch: ``{"x1": images in [-1, 1], "cond": ...}``.
     """
+
+    trains = "eps"
+    model_outputs: tuple[str, ...] = ("field", "eps_var")
+    data_kinds: tuple[str, ...] = ("image", "captioned")  # samplers clip x_start to [-1, 1]: pixels only
 
     def __init__(
         self,
         noise_schedule: str = "squaredcos_cap_v2",
         steps: int = 1000,
         loss_type: str = "simple",
-        uncond_p: float = 0.2,
+        cond_dropout: float = 0.2,
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-        if not 0 <= uncond_p <= 1:
-            raise ValueError(f"uncond_p must be in [0, 1], got {uncond_p}")
+        check_dropout(cond_dropout)
         self.schedule = DiffusionSchedule(betas_for(noise_schedule, steps))
         self.loss_type = loss_type
-        self.uncond_p = uncond_p
+        self.cond_dropout = cond_dropout
+
+    @classmethod
+    def trainable_outputs(cls, settings: dict) -> tuple[str, ...]:
+        """ "hybrid" trains a learned variance, which only GLIDE's eps_var output has."""
+        return ("eps_var",) if settings.get("loss_type") == "hybrid" else cls.model_outputs
 
     def __call__(self, model: nn.Module, batch: dict) -> LossOutput:
         x_start, x_t, t, noise, cond = self.noised(batch)
         return self.objective(self.predict(model, x_t, t, cond), x_start, x_t, t, noise)
 
-    def noised(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor] | None]:
+    def noised(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Cond]:
         """(x_start, x_t, t, noise, cond): a random timestep per row, its noised image, and the
-        conditioning with the text of a share ``uncond_p`` of the rows dropped."""
+        conditioning with a share ``cond_dropout`` of the rows dropped."""
         x_start = batch["x1"].float()
-        cond = drop_condition(batch.get("cond"), self.uncond_p)
+        cond = drop_condition(batch.get("cond"), self.cond_dropout)
         t = torch.randint(0, len(self.schedule), (len(x_start),), device=x_start.device)
         noise = torch.randn_like(x_start)
         return x_start, self.schedule.q_sample(x_start, t, noise), t, noise, cond
 
-    def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
-        """The model's (B, 2C, H, W) output, float32 even under autocast."""
-        out = model(x_t, t.float(), None, cond).float()
-        if out.shape[1] != 2 * x_t.shape[1]:
+    def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The model's (B, 2C, ...) or (B, C, ...) output, float32 even under autocast."""
+        time = diffusion_time(model, t.float(), len(self.schedule))
+        out = model(x_t, time, time, cond).float()
+        channels = x_t.shape[1]
+        if out.shape[1] not in (channels, 2 * channels) or (
+            self.loss_type == "hybrid" and out.shape[1] != 2 * channels
+        ):
             raise ValueError(
-                f"model must return eps and variance values ({2 * x_t.shape[1]} channels), got {out.shape[1]}"
+                f"model must return eps ({channels} channels) or eps and variance values ({2 * channels}), "
+                f"got {out.shape[1]}; loss_type=hybrid needs the variance"
             )
         return out
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from losses.base import Loss, LossOutput
+from models.conditioning import Cond, check_dropout, drop_condition
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -45,8 +46,12 @@ class MeanFlowLoss(Loss):
     derivative terms lose too much in bf16, while the forward and backward keep the run's precision.
     CFG (the paper's eq. 13-15): the target velocity becomes
     ``omega v + kappa u(x_t, t, t | c) + (1 - omega - kappa) u(x_t, t, t | ∅)`` for the samples that
-    keep their label; ``class_dropout`` replaces labels by the null class ``num_classes``.
+    keep their label; ``cond_dropout`` replaces a share of the conditions by the null one
+    (models/conditioning.py), which guidance at sampling time needs too.
     """
+
+    trains = "average_velocity"
+    model_outputs = ("field",)
 
     def __init__(
         self,
@@ -59,16 +64,12 @@ class MeanFlowLoss(Loss):
         jvp_fp32: bool = True,
         omega: float = 1.0,
         kappa: float = 0.0,
-        class_dropout: float = 0.0,
-        num_classes: int = 0,
+        cond_dropout: float = 0.1,
         use_cuda_graph: bool = False,
     ):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"loss.ratio must be in [0, 1], got {ratio}")
-        if (omega != 1.0 or kappa != 0.0 or class_dropout > 0) and num_classes <= 0:
-            raise ValueError(
-                "loss.omega/kappa/class_dropout need class labels: set loss.num_classes to the data's classes"
-            )
+        check_dropout(cond_dropout)
         self.ratio = ratio
         self.p = p
         self.c = c
@@ -78,8 +79,7 @@ class MeanFlowLoss(Loss):
         self.jvp_fp32 = jvp_fp32
         self.omega = omega
         self.kappa = kappa
-        self.class_dropout = class_dropout
-        self.num_classes = num_classes
+        self.cond_dropout = cond_dropout
         self.use_cuda_graph = use_cuda_graph
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor | None], Tensor]] = {}
 
@@ -109,13 +109,13 @@ class MeanFlowLoss(Loss):
     ) -> Tensor:
         with torch.no_grad():
             u_cond = model(x_t, t, t, cond)
-            u_null = model(x_t, t, t, torch.full_like(cond, self.num_classes))
+            u_null = model(x_t, t, t, None)
         guided = self.omega * v + self.kappa * u_cond + (1 - self.omega - self.kappa) * u_null
         return torch.where(kept.view(-1, *([1] * (v.ndim - 1))), guided.to(v.dtype), v)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x_1 = batch["x1"]
-        cond = batch.get("cond")
+        cond: Cond = batch.get("cond")
         n = len(x_1)
         x_0 = torch.randn_like(x_1)
         t, r = self.sample_times(n, x_1.device)
@@ -123,11 +123,10 @@ class MeanFlowLoss(Loss):
         x_t = (1 - t_) * x_0 + t_ * x_1
         v = x_1 - x_0
 
-        if cond is not None and (self.class_dropout > 0 or self.omega != 1.0 or self.kappa != 0.0):
-            kept = torch.rand(n, device=x_1.device) >= self.class_dropout
-            cond = torch.where(kept, cond, torch.full_like(cond, self.num_classes))
-            if self.omega != 1.0 or self.kappa != 0.0:
-                v = self._guided_velocity(model, x_t, t, v, cond, kept)
+        cond = drop_condition(cond, self.cond_dropout)  # class labels: -1 is the null class
+        assert cond is None or isinstance(cond, Tensor)
+        if cond is not None and (self.omega != 1.0 or self.kappa != 0.0):
+            v = self._guided_velocity(model, x_t, t, v, cond, cond >= 0)
 
         # u carries the gradient: one ordinary forward of the whole batch, under the run's autocast.
         # du/dt only enters the stop-gradient target: a no-grad jvp, in fp32 if jvp_fp32.

@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from losses.base import Loss, LossOutput, unwrap
+from losses.base import Loss, LossOutput
+from models.conditioning import check_dropout, drop_condition
+from models.contract import unwrap
 
 
 class SDXLDiffusionLoss(Loss):
     """``mean(w(t) * ||target - model(x_t, t, cond)||^2)`` over latents.
 
-    ``caption_dropout``: the share of rows whose text embeddings are zeroed (``cond["drop_text"]``).
+    ``cond_dropout``: the share of rows whose text embeddings are zeroed (``cond["drop"]``, the null
+    condition of models/conditioning.py), as SDXL was trained for classifier-free guidance.
     ``noise_offset``: adds ``offset * N(0, 1)`` per (sample, channel) to the noise, so the model can
     learn to shift an image's mean brightness (Guttenberg 2023; 0.0357 in SDXL recipes).
     ``min_snr_gamma``: weights each timestep by ``min(SNR, γ) / SNR`` (ε) or ``/ (SNR + 1)`` (v),
@@ -26,12 +29,14 @@ class SDXLDiffusionLoss(Loss):
     VAE and noise schedule are read from the unwrapped model (``latents``, ``noise_scheduler``).
     """
 
-    def __init__(self, caption_dropout: float = 0.0, noise_offset: float = 0.0, min_snr_gamma: float | None = None):
-        if not 0 <= caption_dropout <= 1:
-            raise ValueError(f"loss.caption_dropout must lie in [0, 1], got {caption_dropout}")
+    trains = "eps"  # or v, as the scheduler config says: the model's own pipeline samples it either way
+    model_outputs = ("pipeline",)
+
+    def __init__(self, cond_dropout: float = 0.1, noise_offset: float = 0.0, min_snr_gamma: float | None = None):
+        check_dropout(cond_dropout)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"loss.min_snr_gamma must be > 0 (5 is the paper's), or null; got {min_snr_gamma}")
-        self.caption_dropout = caption_dropout
+        self.cond_dropout = cond_dropout
         self.noise_offset = noise_offset
         self.min_snr_gamma = min_snr_gamma
 
@@ -54,9 +59,7 @@ class SDXLDiffusionLoss(Loss):
             raise ValueError(
                 f"scheduler prediction_type {prediction_type!r} is not trained here (epsilon or v_prediction)"
             )
-        cond = dict(batch["cond"])
-        if self.caption_dropout:
-            cond["drop_text"] = torch.rand(b, device=latents.device) < self.caption_dropout
+        cond = drop_condition(batch["cond"], self.cond_dropout)
         pred = model(noisy, t, None, cond).float()
         mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         metrics = {"sdxl/mse": mse.mean().detach()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.contract import Model
 from models.layers import GroupNorm, zero_
 from models.unet import Conditioning
 
@@ -29,7 +30,9 @@ class ConvBlock(nn.Module):
         return x + self.conv2(F.silu(self.norm2(h)))
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Model):
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)`` on (B, C, H, W) images; ~0.5M parameters at the default width.
 
     Conditioning is the UNet's (t, t - r and label embeddings summed), at width ``2 * channels``.

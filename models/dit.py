@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from models.contract import Model
 from models.layers import LabelEmbedder, TimestepEmbedder, attention, zero_
 
 
@@ -103,7 +104,9 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C)
 
 
-class DiT(nn.Module):
+class DiT(Model):
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)``: a DiT on patches of x, conditioned on t, t - r and a class label.
 
     ``num_classes=0`` builds an unconditional model (no label embedder; ``cond`` must be None).

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from models.contract import Model
 from models.layers import timestep_embedding, zero_
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base.pt"
@@ -271,7 +272,7 @@ def parse_ints(value: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-class GlideUNet(nn.Module):
+class GlideUNet(Model):
     """GLIDE's Text2ImUNet (``super_res=False``) or SuperResText2ImUNet (``super_res=True``).
 
     ``forward(x, t, r=None, cond=None)`` predicts ``(B, 6, H, W)``: the noise eps and the values that
@@ -287,6 +288,21 @@ class GlideUNet(nn.Module):
     The diffusion options GLIDE keeps in the same dict (``diffusion_steps``, ``noise_schedule``...)
     are accepted and ignored so that GLIDE's options can be passed as they are.
     """
+
+    data_kinds = ("captioned",)
+    output = "eps_var"  # eps and the learned-range variance values: (B, 2C, H, W)
+    tokenizer = "glide"
+
+    @classmethod
+    def learned_null(cls, settings: dict) -> bool:
+        """OpenAI's released weights learned the empty caption (20% of training), so a fine-tuning
+        run can guide without dropout of its own; a model from scratch cannot."""
+        return not settings.get("from_scratch", False)
+
+    @classmethod
+    def needs_cond(cls, settings: dict) -> tuple[str, ...]:
+        """The upsampler (``super_res``) needs the low-resolution image in every batch."""
+        return ("low_res",) if settings.get("super_res") else ()
 
     def __init__(
         self,
@@ -509,7 +525,8 @@ class GlideUNet(nn.Module):
 
         features = timestep_embedding(t, self.num_channels).to(self.positional_embedding.dtype)
         emb = self.time_embed(features)  # (B, 4C)
-        pooled, tokens = self.encode_text(text["tokens"], text["mask"])  # (B, 4C), (B, W, L)
+        mask = text["mask"] & ~cond["drop"][:, None] if "drop" in cond else text["mask"]  # drop: the empty caption
+        pooled, tokens = self.encode_text(text["tokens"], mask)  # (B, 4C), (B, W, L)
         emb = emb + pooled.to(emb.dtype)
 
         skips = []

@@ -145,6 +145,8 @@ class GlideClipUNet(GlideUNet):
     are loaded: the embeddings come precomputed in ``cond["clip"]``). ``adapter_hidden`` defaults to D.
     """
 
+    traits = ("clip_adapter",)
+
     def __init__(
         self,
         *,

@@ -64,6 +64,8 @@ class GlideTokenizer:
     unconditional input. ``truncated`` counts the captions cut to ``text_ctx`` so far.
     """
 
+    kind = "glide"  # the tokens GLIDE models read (training/compat.py)
+
     def __init__(self, vocab_dir: str | None = None, text_ctx: int = 128):
         vocab_path, merges_path = download_vocab_files() if vocab_dir is None else find_vocab_files(Path(vocab_dir))
         vocab: dict[str, int] = json.loads(read_text(vocab_path))

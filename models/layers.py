@@ -79,7 +79,8 @@ class LabelEmbedder(nn.Module):
     """Class labels to vectors, with one extra learned row for "no class" (index ``num_classes``).
 
     ``cond=None`` selects the null row for the whole batch, which is what classifier-free
-    guidance needs; class dropout for CFG training happens in the loss, not here.
+    guidance needs; a label of -1 selects it for that row, which is how the losses' condition
+    dropout (models/conditioning.py) marks a dropped label without knowing the number of classes.
     """
 
     def __init__(self, num_classes: int, hidden: int):
@@ -90,4 +91,4 @@ class LabelEmbedder(nn.Module):
     def forward(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor:
         if cond is None:
             cond = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
-        return self.table(cond)
+        return self.table(torch.where(cond < 0, self.num_classes, cond))

@@ -5,13 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from models.contract import Model
 
-class MLP(nn.Module):
+
+class MLP(Model):
     """``v(x, t, r)``: an MLP on the features ``[x, t, t - r]``.
 
     Feeding ``t - r`` (zero for plain flow matching, where r = t) rather than ``r`` lets one
     network serve both flow matching and MeanFlow's average velocity, as the MeanFlow paper does.
     """
+
+    data_kinds = ("dense",)
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, activation: str = "SiLU"):
         super().__init__()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.contract import Model
 from models.layers import GroupNorm, LabelEmbedder, TimestepEmbedder, attention, zero_
 
 
@@ -110,7 +111,9 @@ def run_stage(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
     return h
 
 
-class UNet(nn.Module):
+class UNet(Model):
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)`` on (B, C, H, W) images; output has x's shape.
 
     ``attention_resolutions`` are feature-map sizes (``image_size`` halved once per level). The

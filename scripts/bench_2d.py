@@ -62,6 +62,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dataloaders.base import HeldOut
+from evaluation.context import EvalContext
 from training.compose import compose_config
 from training.seeding import seed_everything
 from training.train import train
@@ -147,7 +149,9 @@ def run_ours(cfg: DictConfig, dataset: str, loss: str, reference: Tensor) -> lis
     metrics, objects = train(cfg)
     if not torch.equal(objects["data"].eval_set, reference):
         raise RuntimeError("our run was scored on another held-out set than torchcfm's")
-    ema_metrics = instantiate(cfg.eval)(objects["ema"].module, objects["solver"], reference, torch.device(cfg.device))
+    ema_metrics = instantiate(cfg.eval)(
+        objects["ema"].module, objects["solver"], HeldOut(reference), EvalContext(torch.device(cfg.device))
+    )
     raw = Result(
         dataset=dataset,
         loss=loss,
@@ -208,7 +212,9 @@ def run_torchcfm(cfg: DictConfig, dataset: str, loss: str, reference: Tensor, st
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    metrics = instantiate(cfg.eval)(TorchCFMVelocity(model), instantiate(cfg.solver), reference, device)
+    metrics = instantiate(cfg.eval)(
+        TorchCFMVelocity(model), instantiate(cfg.solver), HeldOut(reference), EvalContext(device)
+    )
     return Result(
         dataset=dataset,
         loss=loss,

@@ -65,6 +65,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dataloaders.base import TensorLoader
+from evaluation.context import EvalContext
 from training.compose import CONFIG_DIR, compose_config
 from training.seeding import seed_everything
 from training.tracking import Tracker
@@ -225,7 +226,7 @@ def run_toy(args: argparse.Namespace, dataset: str, method: Method, seed: int, r
     cfg = compose(name, toy_overrides(dataset, method, seed, args.steps, args.eval_samples), args.device, root)
     metrics, objects = train(cfg)
     raw_metrics = instantiate(cfg.eval)(
-        objects["model"], objects["solver"], objects["data"].eval_set, torch.device(cfg.device)
+        objects["model"], objects["solver"], objects["data"].eval_inputs(), EvalContext(torch.device(cfg.device))
     )
     ms = metrics["train/ms_per_step"]
     results = [

@@ -36,6 +36,7 @@ from torchvision.utils import save_image
 from adapters.clip_encoder import FrozenClip
 from evaluation.clip_score import read_prompts
 from evaluation.errors import EvaluationError
+from evaluation.sampling import sample
 from models.glide import GlideUNet
 from models.glide_clip import GlideClipUNet, read_adapter_description
 from models.glide_tokenizer import GlideTokenizer
@@ -153,7 +154,8 @@ def run(args: argparse.Namespace) -> Tensor:
     size = base.image_size
     noise = torch.randn(len(prompts), 3, size, size, generator=g).to(device)
     sampler = DiffusionSampler(args.base_sampler, args.base_respacing, noise_schedule="squaredcos_cap_v2")
-    images = sampler(base, noise, base_cond, args.guidance_scale, torch.Generator(device).manual_seed(args.seed))
+    images = sample(base, sampler, noise, 0, cond=base_cond, guidance_scale=args.guidance_scale,
+                    generator=torch.Generator(device).manual_seed(args.seed))[0].x  # fmt: skip
     del base
     if args.upsample is not None:
         upsampler = load_glide(args.upsample, "upsample", device)
@@ -161,7 +163,8 @@ def run(args: argparse.Namespace) -> Tensor:
         noise = torch.randn(len(prompts), 3, big, big, generator=g).to(device) * args.upsample_temp
         sampler = DiffusionSampler(args.upsample_sampler, args.upsample_respacing, noise_schedule="linear")
         up_cond = {**cond, "low_res": quantise(images)}
-        images = sampler(upsampler, noise, up_cond, 1.0, torch.Generator(device).manual_seed(args.seed + 1))
+        images = sample(upsampler, sampler, noise, 0, cond=up_cond,
+                        generator=torch.Generator(device).manual_seed(args.seed + 1))[0].x  # fmt: skip
     return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 

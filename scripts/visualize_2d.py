@@ -14,13 +14,15 @@ import torch
 from evaluation.plots import animate_flow, plot_trajectories, scatter_samples
 from evaluation.sampling import sample
 from solvers.adaptive import Dopri5
-from solvers.base import Solver
+from solvers.base import Sampler
 from solvers.fixed_step import RK4, Euler, Heun, Midpoint
+from solvers.meanflow import MeanFlowSolver
 from training.cli import positive_int
 from training.errors import UserError
 from training.inference import load_data, load_model
 
-SOLVERS: dict[str, type[Solver]] = {
+SOLVERS: dict[str, type[Sampler]] = {
+    "meanflow": MeanFlowSolver,
     "euler": Euler,
     "heun": Heun,
     "midpoint": Midpoint,

@@ -6,14 +6,14 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from solvers.base import Callback, ODESolution, Solver, Velocity
+from solvers.base import Callback, Sampler, Solution, Velocity
 
 
-class Dopri5(Solver):
+class Dopri5(Sampler):
     """Dormand-Prince 5(4) with adaptive steps (torchdiffeq), within ``rtol``/``atol``.
 
-    ``nfe`` is ignored: the tolerances decide the number of evaluations, which is counted and
-    reported. ``callback`` sees the state at ``trajectory_times`` evenly spaced times.
+    The tolerances decide the number of evaluations, which is counted and reported; the grid holds
+    the output times: ``trajectory_times`` evenly spaced ones (what a callback sees).
     """
 
     adaptive = True
@@ -23,7 +23,17 @@ class Dopri5(Solver):
         self.atol = atol
         self.trajectory_times = trajectory_times
 
-    def __call__(self, velocity: Velocity, x: Tensor, nfe: int = 0, callback: Callback | None = None) -> ODESolution:
+    def grid(self, nfe: int = 0, device: torch.device | str = "cpu") -> Tensor:
+        return torch.linspace(0.0, 1.0, self.trajectory_times + 1, device=device)
+
+    def __call__(
+        self,
+        velocity: Velocity,
+        x: Tensor,
+        grid: Tensor,
+        callback: Callback | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Solution:
         count = 0
 
         def func(t: Tensor, y: Tensor) -> Tensor:
@@ -31,10 +41,9 @@ class Dopri5(Solver):
             count += 1
             return velocity(y, t)
 
-        points = self.trajectory_times if callback is not None else 1
-        ts = torch.linspace(0.0, 1.0, points + 1, device=x.device, dtype=x.dtype)
+        ts = grid.to(device=x.device, dtype=x.dtype) if callback is not None else grid[[0, -1]].to(x.device, x.dtype)
         path = odeint(func, x, ts, rtol=self.rtol, atol=self.atol, method="dopri5")
         if callback is not None:
             for t, x_t in zip(ts[1:], path[1:], strict=True):
                 callback(t, x_t)
-        return ODESolution(path[-1], count)
+        return Solution(path[-1], count)

@@ -1,11 +1,13 @@
 """Samplers for eps-predicting discrete diffusion models (GLIDE), with classifier-free guidance.
 
 Every sampler is ``sample_xxx(denoiser, x_T, schedule, generator=None, callback=None, **options)``:
-``denoiser(x, t) -> (eps, var_values)`` takes a DDPM-space state and the ORIGINAL timestep (a
-0-dim float tensor; fractional between kept steps), ``x_T`` is standard normal noise, ``schedule``
-is a respaced ``DiffusionSchedule`` and ``callback(t, x)`` sees the DDPM-space state after each
-step. Guidance and conditioning live in the denoiser (``guided_denoiser``), so samplers never see
-a model.
+``denoiser(x, t) -> (eps, var_values | None)`` takes a DDPM-space state and the ORIGINAL timestep
+(a 0-dim float tensor; fractional between kept steps); ``var_values`` is None for a model without a
+learned variance (DDPM then uses the fixed posterior variance). ``x_T`` is standard normal noise,
+``schedule`` is a respaced ``DiffusionSchedule`` and ``callback(t, x)`` sees the DDPM-space state
+after each step. Guidance and conditioning live in the denoiser
+(``evaluation.sampling.guided_denoiser``), so samplers never see a model. ``DiffusionSampler``
+binds one of them to its schedule behind the common sampler contract (solvers/base.py).
 
 What runs the update, and why:
 - ``ddpm`` and ``ddim`` use diffusers' ``DDPMScheduler`` (``variance_type="learned_range"``) and
@@ -30,49 +32,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from torch import Tensor, nn
+from torch import Tensor
 
-from solvers.base import Callback
+from solvers.base import Callback, Sampler, Solution
 from solvers.diffusion_schedule import DiffusionSchedule, betas_for
 
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, t_orig) -> (eps, var_values)
-
-
-def guided_denoiser(model: nn.Module, cond: dict[str, Tensor] | None, guidance_scale: float = 1.0) -> Denoiser:
-    """Wrap ``model(x, t, None, cond) -> (B, 2C, H, W)`` as a denoiser with classifier-free guidance.
-
-    With a scale other than 1, the conditional and unconditional (text mask all False) halves run
-    as one batch of 2B, as GLIDE does: ``eps = eps_u + s (eps_c - eps_u)``; the variance values
-    come from the conditional half. Scale 1 is one plain conditional call, so it equals the
-    conditional model exactly.
-    """
-
-    def batch_t(x: Tensor, t: Tensor) -> Tensor:
-        return torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(len(x))  # (B,)
-
-    def conditional(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        out = model(x, batch_t(x, t), None, cond).to(x.dtype)  # (B, 2C, H, W)
-        return out[:, : x.shape[1]], out[:, x.shape[1] :]
-
-    if cond is None or guidance_scale == 1.0:
-        return conditional
-    if "mask" not in cond:
-        raise ValueError("classifier-free guidance needs cond['mask'] (all False = unconditional)")
-    # the unconditional half: GLIDE's empty caption, i.e. the same tokens fully masked
-    both = {k: torch.cat([v, torch.zeros_like(v) if k == "mask" else v]) for k, v in cond.items()}
-
-    def guided(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = batch_t(x, t)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), None, both).to(x.dtype)  # (2B, 2C, H, W)
-        cond_out, uncond_out = out.chunk(2)
-        eps_c, eps_u = cond_out[:, : x.shape[1]], uncond_out[:, : x.shape[1]]
-        return eps_u + guidance_scale * (eps_c - eps_u), cond_out[:, x.shape[1] :]
-
-    return guided
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (x, t_orig) -> (eps, var_values | None)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -82,22 +52,29 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _run_scheduler(
-    scheduler: DDPMScheduler | DDIMScheduler,
+    schedulers: tuple[DDPMScheduler | DDIMScheduler, DDPMScheduler | None],
     denoiser: Denoiser,
     x_T: Tensor,
     schedule: DiffusionSchedule,
     callback: Callback | None,
-    learned_variance: bool,
     **step_kwargs,
 ) -> Tensor:
-    """The loop shared by the diffusers-backed samplers; scheduler indices are respaced indices."""
-    scheduler.set_timesteps(len(schedule))
+    """The loop shared by the diffusers-backed samplers; scheduler indices are respaced indices.
+
+    ``schedulers`` is (fixed variance, learned variance or None where the variance is unused):
+    which one steps depends on whether the denoiser returns variance values."""
+    for scheduler in schedulers:
+        if scheduler is not None:
+            scheduler.set_timesteps(len(schedule))
     x = x_T
-    for index in scheduler.timesteps:
+    for index in schedulers[0].timesteps:
         t = schedule.timestep_map[int(index)].float()
         eps, var_values = denoiser(x, t)
-        output = torch.cat([eps, var_values], dim=1) if learned_variance else eps
-        x = scheduler.step(output, index, x, return_dict=False, **step_kwargs)[0]
+        if var_values is None or schedulers[1] is None:
+            x = schedulers[0].step(eps, index, x, return_dict=False, **step_kwargs)[0]
+        else:
+            output = torch.cat([eps, var_values], dim=1)
+            x = schedulers[1].step(output, index, x, return_dict=False, **step_kwargs)[0]
         if callback is not None:
             callback(t, x)
     return x
@@ -110,17 +87,21 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Ancestral sampling with the learned reverse variance (Ho et al. 2020; Nichol & Dhariwal 2021):
-    GLIDE's ``p_sample_loop`` via diffusers' ``DDPMScheduler(variance_type="learned_range")``."""
-    scheduler = DDPMScheduler(
-        num_train_timesteps=len(schedule),
-        trained_betas=schedule.betas.tolist(),
-        variance_type="learned_range",
-        clip_sample=True,
-        clip_sample_range=1.0,
-        prediction_type="epsilon",
+    """Ancestral sampling (Ho et al. 2020) with the learned reverse variance (Nichol & Dhariwal 2021)
+    where the model has one: GLIDE's ``p_sample_loop`` via diffusers' ``DDPMScheduler``
+    (``variance_type="learned_range"``, else ``"fixed_small"``, DDPM's posterior variance)."""
+    schedulers = tuple(
+        DDPMScheduler(
+            num_train_timesteps=len(schedule),
+            trained_betas=schedule.betas.tolist(),
+            variance_type=variance,
+            clip_sample=True,
+            clip_sample_range=1.0,
+            prediction_type="epsilon",
+        )
+        for variance in ("fixed_small", "learned_range")
     )
-    return _run_scheduler(scheduler, denoiser, x_T, schedule, callback, True, generator=generator)
+    return _run_scheduler(schedulers, denoiser, x_T, schedule, callback, generator=generator)  # type: ignore[arg-type]
 
 
 def sample_ddim(
@@ -143,8 +124,9 @@ def sample_ddim(
         prediction_type="epsilon",
     )
     return _run_scheduler(
-        scheduler, denoiser, x_T, schedule, callback, False, eta=eta, use_clipped_model_output=True, generator=generator
-    )
+        (scheduler, None), denoiser, x_T, schedule, callback, eta=eta, use_clipped_model_output=True,
+        generator=generator,
+    )  # fmt: skip
 
 
 def sigma_grid(schedule: DiffusionSchedule, karras: bool = False, rho: float = 7.0) -> Tensor:
@@ -259,12 +241,17 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 SIGMA_SAMPLERS = ("dpmpp_2m", "euler", "euler_a")
 
 
-class DiffusionSampler:
-    """A sampler bound to its respaced schedule, for Hydra (``_target_: solvers.diffusion.DiffusionSampler``).
+class DiffusionSampler(Sampler):
+    """A diffusion sampler behind the common contract (``_target_: solvers.diffusion.DiffusionSampler``).
 
-    ``karras`` applies to the sigma-space samplers, ``eta`` to DDIM; settings that would be
-    silently ignored are errors instead.
+    ``grid(nfe)`` is the training schedule respaced to ``nfe`` kept steps, or to ``respacing`` with
+    ``nfe=0`` (the prompt grids of GLIDE runs); ``karras`` applies to the sigma-space samplers,
+    ``eta`` to DDIM; settings that would be silently ignored are errors instead. Samples are clamped
+    to [-1, 1]: the diffusion loss trains on images in that range.
     """
+
+    calls = "denoiser"
+    samples = ("eps",)
 
     def __init__(
         self,
@@ -281,22 +268,42 @@ class DiffusionSampler:
             raise ValueError(f"karras=True applies only to {', '.join(SIGMA_SAMPLERS)}, not {name!r}")
         if eta != 0.0 and name != "ddim":
             raise ValueError(f"eta applies only to ddim, not {name!r}")
-        self.name = name
-        self.schedule = DiffusionSchedule(betas_for(noise_schedule, steps)).respace(respacing)
+        self.method = name
+        self.respacing = str(respacing)
+        self.noise_schedule = noise_schedule
+        self.steps = steps
+        self.full = DiffusionSchedule(betas_for(noise_schedule, steps))
+        self.schedule = self.full.respace(self.respacing)
         options: dict[str, float | bool] = {"eta": eta} if name == "ddim" else {}
         if name in SIGMA_SAMPLERS:
             options["karras"] = karras
+        self.options = options
         self.sample = functools.partial(SAMPLERS[name], **options)
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def settings(self) -> dict[str, Any]:
+        return {"noise_schedule": self.noise_schedule, "respacing": self.respacing, "steps": self.steps, **self.options}
+
+    def fn_options(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def grid(self, nfe: int = 0, device: torch.device | str = "cpu") -> DiffusionSchedule:
+        if nfe < 0 or nfe > self.steps:
+            raise ValueError(f"a diffusion sampler takes 1..{self.steps} steps, got nfe={nfe}")
+        return self.schedule if nfe == 0 else self.full.respace(str(nfe))
 
     @torch.no_grad()
     def __call__(
         self,
-        model: nn.Module,
-        noise: Tensor,
-        cond: dict[str, Tensor] | None = None,
-        guidance_scale: float = 1.0,
+        fn: Denoiser,
+        x: Tensor,
+        grid: DiffusionSchedule,
+        callback: Callback | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Samples in [-1, 1] from standard normal ``noise`` (B, C, H, W)."""
-        denoiser = guided_denoiser(model, cond, guidance_scale)
-        return self.sample(denoiser, noise, self.schedule, generator=generator).clamp(-1, 1)
+    ) -> Solution:
+        """Samples in [-1, 1] from standard normal ``x`` (B, C, H, W); one denoiser call per kept step."""
+        out = self.sample(fn, x, grid, generator=generator, callback=callback).clamp(-1, 1)
+        return Solution(out, len(grid))

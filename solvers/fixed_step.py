@@ -6,27 +6,37 @@ steps, so the NFE it reports can exceed the budget when the budget is below s.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from solvers.base import Callback, ODESolution, Solver, Velocity, uniform_grid
+from solvers.base import Callback, Sampler, Solution, Velocity, uniform_grid
 
 
-class FixedStepSolver(Solver):
+class FixedStepSolver(Sampler):
     stages: int = 1
 
     def step(self, velocity: Velocity, x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, velocity: Velocity, x: Tensor, nfe: int, callback: Callback | None = None) -> ODESolution:
+    def grid(self, nfe: int, device: torch.device | str = "cpu") -> Tensor:
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
-        steps = max(1, nfe // self.stages)
-        ts = uniform_grid(steps, device=x.device, dtype=x.dtype)
+        return uniform_grid(max(1, nfe // self.stages), device=device)
+
+    def __call__(
+        self,
+        velocity: Velocity,
+        x: Tensor,
+        grid: Tensor,
+        callback: Callback | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Solution:
+        ts = grid.to(device=x.device, dtype=x.dtype)
         for t, t_next in zip(ts[:-1], ts[1:], strict=True):
             x = self.step(velocity, x, t, t_next - t)
             if callback is not None:
                 callback(t_next, x)
-        return ODESolution(x, steps * self.stages)
+        return Solution(x, (len(ts) - 1) * self.stages)
 
 
 class Euler(FixedStepSolver):

@@ -330,8 +330,9 @@ def test_a_resampled_stream_that_filters_everything_ends_with_an_error_naming_th
 
 
 # the stand-in replaces GlideTokenizer (models/), which needs GPT-2's vocabulary
-STAND_IN = ["dataloaders.tokenizer._target_=tests.test_caption_data.WordTokenizer", "dataloaders.num_workers=0",
-            "dataloaders.image_size=16", "dataloaders.batch_size=2", "dataloaders.num_eval=2"]  # fmt: skip
+STAND_IN = ["dataloaders.tokenizer._target_=tests.test_caption_data.WordTokenizer",
+            f"dataloaders.tokenizer.text_ctx={CTX}", "dataloaders.num_workers=0", "dataloaders.image_size=16",
+            "dataloaders.batch_size=2", "dataloaders.num_eval=2"]  # fmt: skip
 
 
 def test_the_configs_instantiate(make_cfg, shards, caption_folder):

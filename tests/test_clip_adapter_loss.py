@@ -15,6 +15,8 @@ from solvers.diffusion_schedule import mean_flat
 class ToyAdapted(nn.Module):
     """eps and variance values from x, with dropout; ``cond["clip"]`` adds ``strength`` x the embedding's mean."""
 
+    output = "eps_var"
+
     def __init__(self, strength: float, dropout: float):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 1)
@@ -37,7 +39,7 @@ def batch(n: int = 4) -> dict:
 def test_kl_is_the_closed_form_between_the_two_predicted_gaussians() -> None:
     torch.manual_seed(0)
     model = ToyAdapted(strength=0.4, dropout=0.0)
-    loss_fn = ClipAdapterKLLoss(kl_weight=0.5, uncond_p=0.0)
+    loss_fn = ClipAdapterKLLoss(kl_weight=0.5, cond_dropout=0.0)
     data = batch()
     torch.manual_seed(1)
     out = loss_fn(model, data)
@@ -58,14 +60,14 @@ def test_kl_is_the_closed_form_between_the_two_predicted_gaussians() -> None:
 def test_an_inert_adapter_costs_exactly_zero_kl_even_with_dropout() -> None:
     torch.manual_seed(0)
     model = ToyAdapted(strength=0.0, dropout=0.5).train()
-    out = ClipAdapterKLLoss(kl_weight=1.0, uncond_p=0.0)(model, batch())
+    out = ClipAdapterKLLoss(kl_weight=1.0, cond_dropout=0.0)(model, batch())
     assert out.metrics["adapter/kl"].item() == 0.0
 
 
 def test_the_kl_gradient_reaches_the_adapter_only_through_the_adapted_pass() -> None:
     torch.manual_seed(0)
     model = ToyAdapted(strength=0.3, dropout=0.0)
-    ClipAdapterKLLoss(kl_weight=1.0, uncond_p=0.0)(model, batch()).loss.backward()
+    ClipAdapterKLLoss(kl_weight=1.0, cond_dropout=0.0)(model, batch()).loss.backward()
     assert model.strength.grad is not None and model.strength.grad.abs().item() > 0
 
 

@@ -86,7 +86,8 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory, patches: Path) -> Pat
         "experiment=glide_base_finetune", "model.from_scratch=true", *TINY_GLIDE, f"dataloaders.root={patches}",
         f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}", "dataloaders.image_size=16", "dataloaders.num_workers=0",
         "dataloaders.num_eval=8", "dataloaders.batch_size=8", "precision=fp32", "eval.every_epochs=0",
-        "eval.samples_per_prompt=1", "solver.respacing='4'", "epochs=15", "optimizer.lr=1e-3", "loss.uncond_p=0",
+        "eval.samples_per_prompt=1", "solver.respacing='4'", "epochs=15", "optimizer.lr=1e-3", "loss.cond_dropout=0",
+        "eval.guidance_scale=1",
         "trainer.ema_decay=0", "lr_schedule=constant", "trainer.log_every=20", "checkpoint.archive_every_epochs=0",
     ])  # fmt: skip
     _, objects = train(cfg)
@@ -104,7 +105,8 @@ def adapter_cfg(make_cfg, patches: Path, clip_model: tuple[str, Path], base: Pat
         f"dataloaders.root={patches}", f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}", "dataloaders.image_size=16",
         "dataloaders.num_workers=0", "dataloaders.num_eval=8", "dataloaders.batch_size=8", "precision=fp32",
         "eval.every_epochs=0", "eval.samples_per_prompt=1", "solver.respacing='4'", "lr_schedule=constant",
-        "trainer.log_every=5", "model.adapter_warmup_steps=1", "adapter.adapter_lr=3e-3", "loss.uncond_p=0",
+        "trainer.log_every=5", "model.adapter_warmup_steps=1", "adapter.adapter_lr=3e-3", "loss.cond_dropout=0",
+        "eval.guidance_scale=1",
         "adapter.early_stop_every=0", "adapter.dry_run_interval=0", "adapter.spike_factor=0",
         "checkpoint.archive_every_epochs=0", "epochs=100", *overrides,
     )  # fmt: skip

@@ -15,12 +15,13 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from torch import Tensor, nn
 
-from losses.diffusion import DiffusionLoss, drop_condition
+from evaluation.sampling import guided_denoiser, sample
+from losses.diffusion import DiffusionLoss
+from models.conditioning import drop_condition, null_condition
 from solvers.diffusion import (
     SAMPLERS,
     SIGMA_SAMPLERS,
     DiffusionSampler,
-    guided_denoiser,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -40,7 +41,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 
 class TinyNet(nn.Module):
-    """A small conv stand-in for GLIDE's model: ``(x, t, None, cond) -> (eps, variance values)``."""
+    """A small conv stand-in for GLIDE's model: ``(x, t, r, cond) -> (eps, variance values)``."""
+
+    output = "eps_var"
 
     def __init__(self, channels: int = 3, hidden: int = 32):
         super().__init__()
@@ -58,7 +61,10 @@ class TinyNet(nn.Module):
 
 
 class TextNet(nn.Module):
-    """Conditional stand-in: the text (tokens under the mask) shifts eps; records the batches it sees."""
+    """Conditional stand-in: the text (tokens under the mask, none where ``drop``) shifts eps; records
+    the batches it sees."""
+
+    output = "eps_var"
 
     def __init__(self):
         super().__init__()
@@ -70,13 +76,16 @@ class TextNet(nn.Module):
         out = self.body(x, t, r, cond)
         if cond is None:
             return out
-        text = (cond["tokens"].float() * cond["mask"].float()).mean(dim=1) / 10  # (B,)
+        mask = cond["mask"] & ~cond["drop"][:, None] if "drop" in cond else cond["mask"]
+        text = (cond["tokens"].float() * mask.float()).mean(dim=1) / 10  # (B,)
         return out + text.view(-1, 1, 1, 1)
 
 
 class NearlyExact(nn.Module):
     """The closed-form Gaussian eps predictor (below) plus a small random conv net: a sane,
     spatially varying denoiser, so sampler comparisons are not dominated by x_start ~ sigma_max."""
+
+    output = "eps_var"
 
     def __init__(self, schedule: DiffusionSchedule):
         super().__init__()
@@ -191,7 +200,7 @@ def test_training_a_tiny_net_lowers_the_loss(loss_type):
     torch.manual_seed(0)
     data = torch.rand(8, 3, 8, 8).round() * 2 - 1  # a tiny fixed binary-image data set
     model = TinyNet()
-    loss = DiffusionLoss(loss_type=loss_type, uncond_p=0.0)
+    loss = DiffusionLoss(loss_type=loss_type, cond_dropout=0.0)
 
     def held_out() -> float:
         torch.manual_seed(123)  # the same t and noise before and after
@@ -209,16 +218,30 @@ def test_training_a_tiny_net_lowers_the_loss(loss_type):
     assert after < 0.6 * before, (before, after)  # ~1.01 -> ~0.42 in 300 steps
 
 
-def test_text_dropout_masks_the_right_fraction_of_rows():
+def test_text_dropout_marks_the_right_fraction_of_rows():
     torch.manual_seed(0)
     cond = {"tokens": torch.randint(1, 100, (20000, 6)), "mask": torch.ones(20000, 6, dtype=torch.bool)}
     dropped = drop_condition(cond, 0.2)
-    assert dropped is not None
-    rows_off = ~dropped["mask"].any(dim=1)
-    assert rows_off.float().mean().item() == pytest.approx(0.2, abs=0.01)
-    assert bool(dropped["mask"][~rows_off].all())  # kept rows are untouched
-    assert dropped["tokens"] is cond["tokens"] and bool(cond["mask"].all())  # tokens kept, input not mutated
+    assert isinstance(dropped, dict)
+    assert dropped["drop"].float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert dropped["tokens"] is cond["tokens"] and dropped["mask"] is cond["mask"]  # kept, input not mutated
+    assert "drop" not in cond
     assert drop_condition(cond, 0.0) is cond and drop_condition(None, 0.5) is None
+    assert bool(null_condition(cond)["drop"].all())
+
+
+def test_label_dropout_marks_the_null_class_and_the_model_embeds_it_as_the_null_row():
+    from models.layers import LabelEmbedder
+
+    torch.manual_seed(0)
+    labels = torch.arange(20000) % 10
+    dropped = drop_condition(labels, 0.1)
+    assert isinstance(dropped, Tensor)
+    off = dropped == -1
+    assert off.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert torch.equal(dropped[~off], labels[~off])
+    embed = LabelEmbedder(10, 4)
+    torch.testing.assert_close(embed(dropped[off][:3], 3, torch.device("cpu")), embed(None, 3, torch.device("cpu")))
 
 
 def test_loss_passes_dropped_condition_and_original_timesteps_to_the_model():
@@ -230,16 +253,38 @@ def test_loss_passes_dropped_condition_and_original_timesteps_to_the_model():
             return super().forward(x, t, r, cond)
 
     cond = {"tokens": torch.ones(1000, 4, dtype=torch.long), "mask": torch.ones(1000, 4, dtype=torch.bool)}
-    DiffusionLoss(uncond_p=0.5)(Recorder(), {"x1": torch.zeros(1000, 3, 2, 2), "cond": cond})
-    assert seen["r"] is None and seen["t"].dtype == torch.float32
+    DiffusionLoss(cond_dropout=0.5)(Recorder(), {"x1": torch.zeros(1000, 3, 2, 2), "cond": cond})
+    assert torch.equal(seen["r"], seen["t"]) and seen["t"].dtype == torch.float32
     assert 0 <= seen["t"].min() and seen["t"].max() <= 999 and seen["t"].max() > 900
-    assert (~seen["cond"]["mask"].any(1)).float().mean().item() == pytest.approx(0.5, abs=0.06)
+    assert seen["cond"]["drop"].float().mean().item() == pytest.approx(0.5, abs=0.06)
+
+
+def test_a_field_model_trains_on_eps_with_flow_time_and_samples_with_the_fixed_variance():
+    """A model with C output channels (UNet, DiT) predicts eps alone, sees time 1 - t/T (noise at 0),
+    and the samplers run it with DDPM's fixed posterior variance."""
+    seen = {}
+
+    class Field(nn.Module):
+        output = "field"
+
+        def forward(self, x, t, r, cond):
+            seen.update(t=t)
+            return torch.zeros_like(x)
+
+    out = DiffusionLoss()(Field(), {"x1": torch.zeros(500, 1, 2, 2), "cond": None})
+    assert torch.isfinite(out.loss) and 0 <= seen["t"].min() and seen["t"].max() <= 1
+    sampler = DiffusionSampler("ddpm")
+    solution, _ = sample(Field(), sampler, noise((2, 1, 4, 4)), 10, generator=torch.Generator().manual_seed(0))
+    assert solution.nfe == 10 and solution.x.shape == (2, 1, 4, 4) and torch.isfinite(solution.x).all()
+    assert torch.equal(seen["t"], torch.ones(2))  # the last kept step is timestep 0: time 1, the data end
 
 
 def test_hybrid_adds_a_vb_term_whose_gradient_reaches_only_the_variance_channels():
     out_param = nn.Parameter(torch.randn(4, 6, 8, 8) * 0.1)
 
     class Constant(nn.Module):
+        output = "eps_var"
+
         def forward(self, x, t, r, cond):
             return out_param
 
@@ -272,7 +317,7 @@ def test_cfg_scale_one_is_the_conditional_model_exactly():
     torch.manual_seed(0)
     model, x, t, cond = TextNet(), torch.randn(3, 3, 8, 8), torch.tensor(500.0), text_cond(3)
     eps, var_values = guided_denoiser(model, cond, 1.0)(x, t)
-    out = model(x, t.expand(3), None, cond)
+    out = model(x, t.expand(3), t.expand(3), cond)
     assert torch.equal(eps, out[:, :3]) and torch.equal(var_values, out[:, 3:])
     assert model.calls == [3, 3]  # one plain call each
 
@@ -283,7 +328,7 @@ def test_cfg_runs_one_batched_call_and_extrapolates_from_the_unconditional_half(
     eps, var_values = guided_denoiser(model, cond, 3.0)(x, t)
     assert model.calls == [6]
     uncond = {**cond, "mask": torch.zeros_like(cond["mask"])}
-    out_c, out_u = model(x, t.expand(3), None, cond), model(x, t.expand(3), None, uncond)
+    out_c, out_u = model(x, t.expand(3), None, cond), model(x, t.expand(3), None, uncond)  # mask off: the same null
     assert not torch.allclose(out_c, out_u)
     torch.testing.assert_close(eps, out_u[:, :3] + 3.0 * (out_c[:, :3] - out_u[:, :3]))
     torch.testing.assert_close(var_values, out_c[:, 3:])
@@ -415,7 +460,11 @@ def test_sampler_shape_range_and_determinism(name):
     model, cond = TextNet(), text_cond(2)
 
     def run(seed: int) -> Tensor:
-        return sampler(model, noise(), cond, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed))
+        solution, _ = sample(
+            model, sampler, noise(), 0, cond=cond, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed)
+        )
+        assert solution.nfe == 27
+        return solution.x
 
     first = run(1)
     assert first.shape == (2, 3, 8, 8) and first.dtype == torch.float32
@@ -441,6 +490,8 @@ MU, STD = 0.3, 0.2
 class GaussianEps(nn.Module):
     """The exact eps predictor for data ~ N(MU, STD^2) per pixel: E[eps | x_t] in closed form."""
 
+    output = "eps_var"
+
     def __init__(self, schedule: DiffusionSchedule = COSINE):
         super().__init__()
         self.alphas_cumprod = schedule.alphas_cumprod
@@ -460,7 +511,7 @@ class GaussianEps(nn.Module):
 def test_exact_eps_predictor_lands_on_the_gaussian_data(name, karras):
     # ancestral Euler is first order in its variance error (std 0.184 at 100 steps, 0.193 at 200)
     sampler = DiffusionSampler(name, respacing="400" if name == "euler_a" else "100", karras=karras)
-    samples = sampler(GaussianEps(), noise((4000, 1, 1, 1)), generator=torch.Generator().manual_seed(1))
+    samples = sample(GaussianEps(), sampler, noise((4000, 1, 1, 1)), 0, generator=torch.Generator().manual_seed(1))[0].x
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, abs=0.02)
 

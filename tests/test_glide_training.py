@@ -113,6 +113,7 @@ def test_upsampler_fine_tuning_and_chained_sampling(make_cfg, captioned: Path, t
 
 
 def test_sampling_is_deterministic_and_guidance_one_is_conditional(make_cfg, captioned: Path) -> None:
+    from evaluation.sampling import sample
     from solvers.diffusion import DiffusionSampler
 
     _, objects = train(glide_cfg(make_cfg, captioned, "max_steps=2"))
@@ -122,9 +123,14 @@ def test_sampling_is_deterministic_and_guidance_one_is_conditional(make_cfg, cap
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for name in ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"):
         sampler = DiffusionSampler(name, "6")
-        a = sampler(model, noise, cond, 2.0, torch.Generator().manual_seed(1))
-        b = sampler(model, noise, cond, 2.0, torch.Generator().manual_seed(1))
+        a, b, one, conditional = (
+            sample(model, sampler, noise, 0, cond=cond, guidance_scale=w, generator=torch.Generator().manual_seed(1))[
+                0
+            ].x
+            for w in (2.0, 2.0, 1.0, 1.0)
+        )
         assert a.shape == (2, 3, 16, 16) and torch.equal(a, b), name
+        assert torch.equal(one, conditional), name
 
 
 def test_glide_without_weights_is_a_one_line_error(make_cfg, captioned: Path) -> None:
@@ -153,19 +159,30 @@ def test_a_run_resumes_from_its_step_checkpoint(make_cfg, captioned: Path) -> No
 
 def test_prompt_grid_logs_the_clip_score_of_its_samples(tiny, tmp_path: Path) -> None:  # noqa: F811
     """eval.clip scores each grid's samples against their prompts (a tiny CLIP trained on colours)."""
+    from dataloaders.base import HeldOut
+    from evaluation.context import EvalContext
     from evaluation.prompt_eval import PromptGridEval
     from models.glide_tokenizer import GlideTokenizer
+    from solvers.base import Sampler, Solution
 
     colours = {"red": (0.9, -0.8, -0.8), "blue": (-0.8, -0.6, 0.8)}
 
-    def painter(model, noise, cond, guidance_scale, generator):  # stands in for a sampler: paints the prompt
-        rows = [colours["red" if i % 2 == 0 else "blue"] for i in range(len(noise))]
-        return torch.tensor(rows)[:, :, None, None].expand(-1, -1, 32, 32)
+    class Painter(Sampler):  # stands in for a diffusion sampler: paints the prompt
+        calls, samples = "denoiser", ("eps",)
+
+        def grid(self, nfe=0, device="cpu"):
+            return torch.zeros(1)
+
+        def __call__(self, fn, x, grid, callback=None, generator=None):
+            rows = [colours["red" if i % 2 == 0 else "blue"] for i in range(len(x))]
+            return Solution(torch.tensor(rows)[:, :, None, None].expand(-1, -1, 32, 32), 1)
+
+    painter, nothing = Painter(), HeldOut(torch.zeros(0))
 
     evaluator = PromptGridEval(GlideTokenizer(str(GLIDE_DATA), text_ctx=16), prompts=["a red image", "a blue image"],
                                image_size=32, grid_dir=str(tmp_path / "grids"), clip=tiny)  # fmt: skip
-    metrics = evaluator(torch.nn.Identity(), painter, torch.zeros(0), torch.device("cpu"), step=10)
+    metrics = evaluator(torch.nn.Identity(), painter, nothing, EvalContext(torch.device("cpu"), step=10))
     assert (tmp_path / "grids" / "grid_step0000010.png").is_file()
     evaluator.prompts = ["a blue image", "a red image"]  # the same pictures under the other captions
-    swapped = evaluator(torch.nn.Identity(), painter, torch.zeros(0), torch.device("cpu"), step=11)
+    swapped = evaluator(torch.nn.Identity(), painter, nothing, EvalContext(torch.device("cpu"), step=11))
     assert metrics["eval/clip_score"] > swapped["eval/clip_score"] + 10

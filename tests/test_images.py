@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from dataloaders.base import HeldOut
 from dataloaders.images import DigitsData, FolderData
+from evaluation.context import EvalContext
 from evaluation.sample_eval import ImageEval
 from evaluation.sampling import velocity_of
 from solvers.fixed_step import Euler
@@ -64,12 +66,14 @@ def test_unlabelled_folder_reads_every_image_below_root(image_folder):
 
 def test_image_eval_writes_unit_range_samples_and_grids(tmp_path):
     class Still(nn.Module):  # velocity 0: samples are the noise itself
+        output = "field"
+
         def forward(self, x, t, r, cond=None):
             return torch.zeros_like(x)
 
     reference = torch.rand(32, 1, 8, 8) * 2 - 1
     metrics = ImageEval(nfe=[1, 2], num_samples=20, batch_size=8)(
-        Still(), Euler(), reference, torch.device("cpu"), out_dir=tmp_path
+        Still(), Euler(), HeldOut(reference), EvalContext(torch.device("cpu"), out_dir=tmp_path)
     )
     x = np.load(tmp_path / "samples_nfe2.npy")
     assert x.shape == (20, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
@@ -101,7 +105,7 @@ TINY_DIT = ["model=dit_s4", "model._target_=models.dit.DiT", "+model.patch_size=
 
 @pytest.mark.parametrize(
     "model, loss",
-    [(TINY_UNET, ["loss=meanflow", "solver=meanflow", "loss.class_dropout=0.1", "loss.num_classes=10"]),
+    [(TINY_UNET, ["loss=meanflow", "solver=meanflow", "loss.cond_dropout=0.1"]),
      (TINY_DIT, ["loss=fm", "solver=euler", "eval.guidance_scale=2.0"]),
      (["model=cnn", "model.channels=16", "model.num_blocks=1"], ["loss=meanflow", "solver=meanflow"])],
     ids=["unet-meanflow", "dit-fm-cfg", "cnn-meanflow"],
@@ -122,5 +126,9 @@ def test_dit_patch_that_does_not_divide_the_image_is_a_one_line_error(make_cfg):
 
 
 def test_image_model_on_2d_data_is_a_one_line_error(make_cfg):
-    with pytest.raises(UserError, match="the config does not fit together .* needs image data"):
+    with pytest.raises(
+        UserError,
+        match=r"^model=unet takes image\|latent data; dataloaders=moons serves dense data: "
+        r"use dataloaders=celeba\|cifar10\|digits\|folder\|imagenet\|imagenet_latents$",
+    ):
         train(make_cfg("model=unet"))

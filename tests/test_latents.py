@@ -199,7 +199,12 @@ def test_imagenet_meanflow_experiment_trains_on_latents(make_cfg, latents, tmp_p
     cfg = make_cfg("experiment=imagenet_dit_b2_meanflow", f"dataloaders.root={latents}", *LATENT_DATA, *TINY_DIT,
                    "max_steps=2", "epochs=1", "eval.nfe=[1,2]", "eval.num_samples=8", "eval.batch_size=8",
                    "eval.every_epochs=0")  # fmt: skip
-    assert (cfg.loss.kappa, cfg.loss.class_dropout, cfg.loss.num_classes, cfg.precision.name) == (0.5, 0.1, 2, "bf16")
+    assert (cfg.loss.kappa, cfg.loss.cond_dropout, cfg.dataloaders.num_classes, cfg.precision.name) == (
+        0.5,
+        0.1,
+        2,
+        "bf16",
+    )
     metrics, objects = train(cfg)
     assert objects["trainer"].step == 2 and np.isfinite(metrics["eval/energy_distance@nfe2"])
     assert np.load(tmp_path / "run" / "samples_nfe1.npy").shape == (8, 4, 8, 8)  # samples stay latents

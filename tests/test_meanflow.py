@@ -10,6 +10,7 @@ from evaluation.sampling import velocity_of
 from losses.meanflow import MeanFlowLoss
 from models.mlp import MLP
 from solvers.meanflow import MeanFlowSolver
+from training.errors import UserError
 from training.train import train
 
 
@@ -92,9 +93,9 @@ def test_training_time_guidance_mixes_the_target_as_the_paper():
             self.table = nn.Parameter(torch.arange(4.0)[:, None].expand(4, 2).clone())  # class k -> (k, k)
 
         def forward(self, x, t, r, cond=None):
-            return self.table[cond]
+            return self.table[3 if cond is None else cond]  # None: the null class
 
-    loss_fn = MeanFlowLoss(omega=2.0, kappa=0.5, class_dropout=0.1, num_classes=3)
+    loss_fn = MeanFlowLoss(omega=2.0, kappa=0.5, cond_dropout=0.1)
     v = torch.ones(4, 2)
     cond = torch.tensor([0, 1, 2, 3])
     kept = torch.tensor([True, True, True, False])
@@ -104,9 +105,12 @@ def test_training_time_guidance_mixes_the_target_as_the_paper():
     torch.testing.assert_close(guided, expected)
 
 
-def test_guidance_without_classes_is_refused():
-    with pytest.raises(ValueError, match="need class labels: set loss.num_classes"):
-        MeanFlowLoss(omega=2.0)
+def test_training_time_guidance_without_classes_is_refused_before_any_work(make_cfg, tmp_path):
+    from training.train import train
+
+    with pytest.raises(UserError, match=r"loss.omega/kappa .* need class labels; dataloaders=moons has none"):
+        train(make_cfg("loss=meanflow", "solver=meanflow", "loss.omega=2.0"))
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_one_step_sampling_reaches_the_point_for_the_exact_model():
@@ -114,7 +118,8 @@ def test_one_step_sampling_reaches_the_point_for_the_exact_model():
     model = SinglePointAverageVelocity(c)
     noise = torch.randn(100, 2)
     for nfe in (1, 2):
-        out = MeanFlowSolver()(velocity_of(model), noise.clone(), nfe)
+        solver = MeanFlowSolver()
+        out = solver(velocity_of(model), noise.clone(), solver.grid(nfe))
         assert out.nfe == nfe
         torch.testing.assert_close(out.x, c.expand(100, 2), rtol=1e-5, atol=1e-5)
 

@@ -73,7 +73,7 @@ def trained(sdxl: Path, captioned: Path, tmp_path_factory: pytest.TempPathFactor
                             f"dataloaders.image_size={SIZE}", "dataloaders.batch_size=2",
                             "eval.num_inference_steps=2", "eval.samples_per_prompt=1", "eval.every_epochs=0",
                             "trainer.grad_accum=1", "trainer.log_every=5", "checkpoint.archive_every_epochs=0",
-                            "epochs=20", "optimizer.lr=3e-3", "loss.caption_dropout=0.1"])  # fmt: skip
+                            "epochs=20", "optimizer.lr=3e-3", "loss.cond_dropout=0.1"])  # fmt: skip
     metrics, objects = train(cfg)
     return {"metrics": metrics, **objects, "tmp": tmp}
 
@@ -165,7 +165,7 @@ def test_size_conditioning_and_text_match_the_pipeline(sdxl: Path):
     embeds, pooled = model.text({"tokens": tokens})
     want_embeds, _, want_pooled, _ = pipe.encode_prompt(["a red square", "two cats"], do_classifier_free_guidance=False)
     assert torch.allclose(embeds, want_embeds, atol=1e-6) and torch.allclose(pooled, want_pooled, atol=1e-6)
-    dropped, dropped_pooled = model.text({"tokens": tokens, "drop_text": torch.tensor([True, False])})
+    dropped, dropped_pooled = model.text({"tokens": tokens, "drop": torch.tensor([True, False])})
     assert dropped[0].abs().max() == 0 and dropped_pooled[0].abs().max() == 0 and torch.equal(dropped[1], embeds[1])
 
 
@@ -221,7 +221,7 @@ def precompute_sdxl_args(args: list[str]):
 
 def test_text_encoder_lora_trains_both_encoders(make_cfg, sdxl: Path, captioned: Path):
     _, objects = train(sdxl_cfg(make_cfg, sdxl, folder_data(captioned), "run_name=te", "max_steps=2",
-                                "model.text_encoder_lora=true", "loss.caption_dropout=0"))  # fmt: skip
+                                "model.text_encoder_lora=true", "loss.cond_dropout=0"))  # fmt: skip
     lora = objects["model"].state_dict()
     for part in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(part) and "lora_B" in k and lora[k].abs().sum() > 0 for k in lora), part

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 
 import training.checkpoint as checkpoint_mod
+from training import compat
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.compat import target_class
 from training.errors import NonFiniteLossError, UserError
 from training.train import train
 
@@ -72,9 +75,18 @@ def test_every_group_option_instantiates(make_cfg, group, image_folder):
             continue
         if group == "optimizer":
             obj = obj(params=[torch.nn.Parameter(torch.zeros(1))])
-        if group == "lr_schedule":
+            assert isinstance(obj, torch.optim.Optimizer), option
+        elif group == "lr_schedule":
             obj = obj(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=10)
-        assert obj is not None, option
+            assert isinstance(obj, torch.optim.lr_scheduler.LRScheduler), option
+        elif cfg[group].get("_partial_"):  # built later with the run's objects
+            assert obj.func is get_object(cfg[group]["_target_"]), option
+        else:  # the object is what its _target_ names, and what the declared kinds were read from
+            assert isinstance(obj, target_class(cfg[group])), option
+            if group in compat.GROUPS:
+                assert target_class(cfg[group]) is compat.declared_options()[group][option], option
+        if group == "model":
+            assert sum(p.numel() for p in obj.parameters()) > 0, option
 
 
 def test_every_experiment_and_debug_preset_composes(make_cfg):
@@ -154,8 +166,10 @@ def test_gradient_accumulation_takes_one_step_per_group(make_cfg):
 
 
 def test_bf16_autocast_trains_on_cpu(make_cfg):
-    metrics, _ = train(make_cfg("precision=bf16"))
-    assert metrics["train/final_loss"] == pytest.approx(metrics["train/final_loss"])  # finite
+    metrics, objects = train(make_cfg("precision=bf16"))
+    assert math.isfinite(metrics["train/final_loss"]) and 0 < metrics["train/final_loss"] < 10
+    assert all(math.isfinite(loss) for loss in objects["trainer"].losses)
+    assert math.isfinite(metrics["eval/energy_distance@nfe4"])
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -237,6 +251,33 @@ def test_eval_with_another_solver_reports_its_nfe(make_cfg, tmp_path):
         "eval/nfe_used@adaptive",
     }
     assert metrics["eval/nfe_used@adaptive"] >= 6
+
+
+def test_eval_only_samples_with_the_checkpoints_own_sampler_unless_told_otherwise(make_cfg, tmp_path):
+    trained, objects = train(make_cfg("loss=meanflow", "solver=meanflow", "eval.nfe=[1,2]"))
+    ckpt = objects["checkpoint"]
+
+    def rescore(*overrides: str) -> tuple[dict, dict]:
+        run = tmp_path / f"ev{len(list(tmp_path.glob('ev*')))}"
+        metrics, _ = train(make_cfg(f"eval_checkpoint={ckpt}", "run_name=ev", f"paths.run_dir={run}", *overrides))
+        return metrics, json.loads((run / "metrics.json").read_text())
+
+    metrics, saved = rescore()  # the launcher's default is solver=euler: the checkpoint's meanflow wins
+    assert saved["eval/sampler"] == "meanflow" and saved["eval/solver"] == "meanflow"
+    assert metrics["eval/energy_distance@nfe1"] == trained["eval/energy_distance@nfe1"]
+    _, saved = rescore("solver=heun")  # an average-velocity model at r = t is a velocity model: it fits
+    assert saved["eval/sampler"] == "heun"
+    with pytest.raises(
+        UserError,
+        match=r"^solver=diffusion samples eps models; model=mlp with loss=meanflow "
+        r"predicts average_velocity: use solver=dopri5\|euler\|heun\|meanflow",
+    ):
+        rescore("solver=diffusion")
+    _, fm = train(make_cfg("run_name=fm", "overwrite=true"))
+    with pytest.raises(
+        UserError, match=r"^solver=meanflow samples average_velocity models; .* loss=fm predicts velocity"
+    ):
+        train(make_cfg(f"eval_checkpoint={fm['checkpoint']}", "run_name=ev", "solver=meanflow"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

@@ -24,13 +24,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from evaluation.context import EvalContext
 from evaluation.errors import EvaluationError
-from training import distributed
+from training import compat, distributed
 from training.callbacks import Callback
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.experiment_log import append_entry
-from training.inference import load_data, load_model
+from training.inference import load_data, model_from_state
 from training.optim import optimizer_groups
 from training.precision import Precision, resolve_device
 from training.seeding import rng_state, seed_everything, set_rng_state
@@ -160,6 +161,8 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     precision.apply()
     seed_everything(cfg.seed, cfg.deterministic)
 
+    choices = OmegaConf.to_container(cfg.choices, resolve=True) if "choices" in cfg else {}
+    compat.check(compat.Spec.from_config(cfg, choices))  # type: ignore[arg-type]
     ckpt_dir = Path(cfg.paths.ckpt_dir)
     last_path = ckpt_dir / "last.pt"
     try:
@@ -197,7 +200,7 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
             "trainer.strategy=fsdp needs a loss that calls the model equally often on every rank; "
             "for loss=meanflow set loss.full_batch_jvp=true (or use trainer.strategy=ddp)"
         )
-    solver = build(cfg, "solver")
+    solver = build(cfg, "solver") if cfg.get("solver") else None
     evaluator = build(cfg, "eval")
     if ctx.is_main:  # rank 0 evaluates
         run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
@@ -248,8 +251,9 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         raise UserError(str(e)) from e
 
     run_dir = Path(cfg.paths.run_dir)
-    reference = data.eval_set
+    held_out = data.eval_inputs()
     autocast = partial(precision.autocast_context, device)
+    sampling = sampling_record(resolved, loss_fn)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "model: %s, %.3fM parameters; %d steps/epoch on %s, precision %s",
@@ -263,30 +267,19 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     def checkpoint(path: Path, metrics: dict[str, float]) -> None:
         state = trainer.state_dict()  # under FSDP every rank takes part in gathering it
         if ctx.is_main:
-            save_checkpoint({"format": FORMAT, **state, "rng": rng_state(), "config": resolved, "metrics": metrics},
-                            path)  # fmt: skip
+            save_checkpoint({"format": FORMAT, **state, "rng": rng_state(), "config": resolved, "metrics": metrics,
+                             "sampling": sampling}, path)  # fmt: skip
             for callback in callbacks:
                 callback.on_checkpoint(trainer, path)
         distributed.barrier()
 
     latest: dict[str, float] = {}
-    captions = getattr(data, "eval_captions", None)  # captioned data: held-out captions for text models
 
     def periodic_eval() -> None:
         eval_model = trainer.eval_module(cfg.eval_use_ema)  # rank 0's; None on the others
         if eval_model is not None:
             latest.update(
-                run_eval(
-                    evaluator,
-                    eval_model,
-                    solver,
-                    reference,
-                    device,
-                    autocast,
-                    num_classes=data.num_classes,
-                    step=trainer.step,
-                    captions=captions,
-                )
+                run_eval(evaluator, eval_model, solver, held_out, EvalContext(device, autocast, step=trainer.step))
             )
             tracker.log(latest, step=trainer.step)
         distributed.barrier()
@@ -313,19 +306,9 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         eval_model = trainer.eval_module(cfg.eval_use_ema)
         metrics: dict[str, float] = {}
         if eval_model is not None:
+            source = f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}"
             metrics = run_eval(
-                evaluator,
-                eval_model,
-                solver,
-                reference,
-                device,
-                autocast,
-                out_dir=run_dir,
-                num_classes=data.num_classes,
-                decode=getattr(data, "decode", None),  # latent data sets decode for the grids and FID
-                step=trainer.step,
-                captions=captions,
-                source=f"{last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}",
+                evaluator, eval_model, solver, held_out, EvalContext(device, autocast, run_dir, trainer.step, source)
             )
         metrics = distributed.broadcast_object(metrics)  # the others wait here for rank 0's evaluation
         metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
@@ -385,25 +368,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     precision: Precision = build(cfg, "precision")
     precision.check(device)
     precision.apply()
-    model, state = load_model(path, use_ema=cfg.eval_use_ema, device=device, what="eval_checkpoint")
-    data = load_data(state, path)
-    solver = build(cfg, "solver")
+    state = load_checkpoint(path, "eval_checkpoint")
+    solver_node = sampler_config(cfg, state, path)
     from_checkpoint = eval_config(cfg, state)
+    eval_node = cfg.eval if from_checkpoint is None else from_checkpoint
+    saved = state["config"]
+    names = {**{g: str(v) for g, v in (saved.get("choices") or {}).items()}, **_overridden_choices(cfg)}
+    run_cfg = {**saved, "solver": solver_node, "eval": OmegaConf.to_container(eval_node, resolve=True)}
+    compat.check(compat.Spec.from_config(run_cfg, _named(names, run_cfg)))
+    model = model_from_state(state, path, cfg.eval_use_ema, device)
+    data = load_data(state, path)
+    solver = build(OmegaConf.create({"solver": solver_node}), "solver") if solver_node else None
     evaluator = build(cfg if from_checkpoint is None else OmegaConf.create({"eval": from_checkpoint}), "eval")
     run_eval(evaluator.prepare, device)
     run_dir = Path(cfg.paths.run_dir)
     autocast = partial(precision.autocast_context, device)
+    source = f"{path.resolve()}@step{state['step']}{'' if cfg.eval_use_ema else ':raw'}"
     metrics = run_eval(
-        evaluator,
-        model,
-        solver,
-        data.eval_set,
-        device,
-        autocast,
-        out_dir=run_dir,
-        num_classes=data.num_classes,
-        decode=getattr(data, "decode", None),
-        source=f"{path.resolve()}@step{state['step']}{'' if cfg.eval_use_ema else ':raw'}",
+        evaluator, model, solver, data.eval_inputs(), EvalContext(device, autocast, run_dir, source=source)
     )
     metrics["checkpoint_step"] = float(state["step"])
     _write_json(run_dir / "metrics.json", {**metrics, **evaluator.settings(solver), "checkpoint": str(path)})
@@ -420,6 +402,54 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         tracker.finish()
     _finish(distributed.Dist(0, 1, device), cfg, run_name, f"eval of {path}", metrics, path, started, t0)
     return metrics, {"model": model, "solver": solver, "run_dir": run_dir}
+
+
+def sampling_record(resolved: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
+    """How this run's checkpoints sample: the solver node (name and settings), what the loss trains,
+    and whether the model learned the null condition that guidance needs."""
+    return {
+        "solver": resolved.get("solver"),
+        "solver_name": (resolved.get("choices") or {}).get("solver"),
+        "trains": type(loss_fn).trains,
+        "guidable": float(getattr(loss_fn, "cond_dropout", 0.0)) > 0,
+    }
+
+
+def _overridden_choices(cfg: DictConfig) -> dict[str, str]:
+    """The groups the command line chose (``solver=heun``), which replace the checkpoint's."""
+    overrides = [str(o) for o in cfg.get("overrides") or []]
+    chosen = {o.split("=")[0].lstrip("+~") for o in overrides if "=" in o}
+    return {g: str(v) for g, v in compat.choices_of(cfg).items() if g in chosen}
+
+
+def _named(names: dict[str, str], run_cfg: dict[str, Any]) -> dict[str, str]:
+    """Option names for messages; a checkpoint older than ``choices`` is named by its classes."""
+    return {
+        g: names.get(g) or (str(run_cfg[g]["_target_"]).rsplit(".", 1)[-1] if run_cfg.get(g) else "null")
+        for g in compat.GROUPS
+    }
+
+
+def sampler_config(cfg: DictConfig, state: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The sampler of an eval-only run: the checkpoint's own (what it was trained and evaluated with),
+    with the command line's ``solver.*=...`` on top, unless it picks one (``solver=...`` or ``experiment=...``).
+
+    The checkpoint's node is data, not code: its ``_target_`` must be one a local solver config names."""
+    overrides = [str(o).lstrip("+~") for o in cfg.get("overrides") or []]
+    if any(o.split("=")[0] in ("solver", "experiment") for o in overrides):
+        return OmegaConf.to_container(cfg.solver, resolve=True) if cfg.get("solver") else None  # type: ignore[return-value]
+    saved = state.get("sampling", {}).get("solver", state["config"].get("solver"))
+    if saved is None:
+        return None
+    allowed = {str(n.get("_target_")) for n in compat.option_nodes("solver").values()}
+    target = saved.get("_target_") if isinstance(saved, dict) else saved
+    if target not in allowed:
+        raise UserError(f"checkpoint {path} names an unknown sampler ({target!r}); pass solver=<option> to choose one")
+    node = OmegaConf.create(saved)
+    for o in OverridesParser.create().parse_overrides([str(o) for o in cfg.get("overrides") or []]):
+        if o.key_or_group.startswith("solver."):
+            OmegaConf.update(node, o.key_or_group.removeprefix("solver."), o.value(), merge=True)
+    return OmegaConf.to_container(node)  # type: ignore[return-value]
 
 
 def _brief(metrics: dict[str, float]) -> str:

@@ -1,0 +1,349 @@
+"""Which models, losses, samplers, data sets and evaluators go together, checked once before any work.
+
+Every piece declares its kind as class attributes (no instance is needed, so nothing is built or
+read to check a run):
+
+- data sets: ``kind`` (``dense`` | ``image`` | ``latent`` | ``captioned`` | ``sdxl_cache``);
+- models: ``data_kinds`` they take, ``output`` (``field``: a tensor of x's shape, which the loss makes
+  a velocity, an average velocity or eps; ``eps_var``: GLIDE's eps and learned variance;
+  ``pipeline``: a model sampled by its own diffusers pipeline) and optional ``traits``;
+- losses: ``trains`` (``velocity`` | ``average_velocity`` | ``eps``), the ``model_outputs`` they
+  can train, optional ``data_kinds`` and ``model_traits``, and ``cond_dropout``;
+- samplers: ``samples`` (the ``trains`` kinds they can sample);
+- evaluators: ``data_kinds``, ``model_outputs`` and ``uses_sampler``.
+
+``check(spec, options)`` turns the first mismatch into a one-line error naming both sides and the
+options that fit. ``Spec.from_config`` reads a composed config; ``declared_options`` reads every
+option of the config folders, for those suggestions and for the test that enumerates them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from training.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("model", "loss", "solver", "dataloaders", "eval")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The declared kinds of one run's pieces, by group, and the few values the rules read."""
+
+    names: Mapping[str, str]  # group -> option name, for messages
+    classes: Mapping[str, Any]  # group -> the class (or None: solver=null)
+    num_classes: int = 0
+    cond_dropout: float = 0.0
+    guidance_scale: float = 1.0
+    loss_settings: Mapping[str, Any] | None = None
+    tokenizer: Any = None  # the data's tokenizer class, for captioned data
+    provides: tuple[str, ...] = ()  # optional batch entries the data is configured to add (``clip``, ``low_res``)
+    model_settings: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any], names: Mapping[str, str]) -> Spec:
+        node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+        assert isinstance(node, Mapping)
+        classes = {group: target_class(node.get(group)) for group in GROUPS}
+        loss = node.get("loss") or {}
+        data = node.get("dataloaders") or {}
+        ev = node.get("eval") or {}
+        return cls(
+            names=dict(names),
+            classes=classes,
+            num_classes=_number(data.get("num_classes", 0)),
+            cond_dropout=float(_number(loss.get("cond_dropout", _legacy_dropout(loss)))),
+            guidance_scale=float(_number(ev.get("guidance_scale", 1.0))),
+            loss_settings=dict(loss),
+            tokenizer=target_class(data.get("tokenizer")),
+            provides=tuple(k for k, key in (("clip", "clip_cache"), ("low_res", "low_res_size")) if data.get(key)),
+            model_settings=dict(node.get("model") or {}),
+        )
+
+
+def _legacy_dropout(loss: Mapping[str, Any]) -> float:
+    """Checkpoints written before ``cond_dropout`` named it per loss."""
+    return next((float(loss[k]) for k in ("uncond_p", "class_dropout", "caption_dropout") if k in loss), 0.0)
+
+
+def _number(value: Any) -> Any:
+    """An unresolved interpolation (``${dataloaders.num_classes}``) counts as its default: these rules
+    run on the resolved config at run time; the enumeration reads files."""
+    return 0 if isinstance(value, str) and value.startswith("${") else value
+
+
+def target_class(node: Any) -> Any:
+    """The class a config node's ``_target_`` builds (a factory function: its return annotation)."""
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        return None
+    return _class_of(str(node["_target_"]))
+
+
+@functools.cache
+def _class_of(target: str) -> Any:
+    obj = get_object(target)
+    return typing.get_type_hints(obj).get("return", obj) if inspect.isfunction(obj) else obj
+
+
+def declared(obj: Any, name: str, default: Any = ()) -> Any:
+    value = getattr(obj, name, default)
+    return default if isinstance(value, property) else value
+
+
+def _yaml_target(group_dir: Path, option: str) -> dict[str, Any]:
+    """An option's node from its file, following ``defaults`` to a same-group parent (fm_ot -> fm) and
+    to its own subgroups (a data set's ``tokenizer: glide``)."""
+    node = yaml.safe_load((group_dir / f"{option}.yaml").read_text()) or {}
+    for entry in node.pop("defaults", []) or []:
+        if isinstance(entry, str) and entry != "_self_" and (group_dir / f"{entry}.yaml").is_file():
+            node = {**_yaml_target(group_dir, entry), **node}
+        elif isinstance(entry, dict):
+            for key, choice in entry.items():
+                if (group_dir / key / f"{choice}.yaml").is_file():
+                    node = {key: _yaml_target(group_dir / key, str(choice)), **node}
+    return node
+
+
+@functools.cache
+def option_nodes(group: str, config_dir: Path = CONFIG_DIR) -> dict[str, dict[str, Any]]:
+    """option -> its node as the files define it, for every YAML of a group (``dataloaders/tokenizer`` too)."""
+    return {p.stem: _yaml_target(p.parent, p.stem) for p in sorted((config_dir / group).glob("*.yaml"))}
+
+
+@functools.cache
+def declared_options(config_dir: Path = CONFIG_DIR) -> dict[str, dict[str, Any]]:
+    """group -> {option: its node's class} for every YAML of the checked groups."""
+    return {group: {o: target_class(n) for o, n in option_nodes(group, config_dir).items()} for group in GROUPS}
+
+
+class DataVariant(NamedTuple):
+    """A data option with the settings that change what it serves: its tokenizer, a CLIP cache, the
+    low-resolution copies an upsampler needs."""
+
+    name: str
+    tokenizer: str | None = None
+    clip: bool = False
+    low_res: bool = False
+
+    def label(self) -> str:
+        extra = [f"{self.tokenizer} tokens"] * (self.tokenizer is not None) + ["CLIP cache"] * self.clip
+        extra += ["low_res"] * self.low_res
+        return self.name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def data_variants(config_dir: Path = CONFIG_DIR) -> list[DataVariant]:
+    """Each captioned data set once per tokenizer, with and without a CLIP cache; others once."""
+    tokenizers = sorted(option_nodes("dataloaders/tokenizer", config_dir))
+    out = []
+    for name, cls in declared_options(config_dir)["dataloaders"].items():
+        if declared(cls, "kind", "") == "captioned":
+            out += [DataVariant(name, t, c, low) for t in tokenizers for c in (False, True) for low in (False, True)]
+        else:
+            out.append(DataVariant(name))
+    return out
+
+
+def spec_for(names: Mapping[str, str], data: DataVariant | None = None, config_dir: Path = CONFIG_DIR) -> Spec:
+    """The spec of a combination of options as the files define them (``solver: "null"`` for none),
+    with the data variant's tokenizer and CLIP cache."""
+    node: dict[str, Any] = {g: None if names[g] == "null" else option_nodes(g, config_dir)[names[g]] for g in GROUPS}
+    if data is not None and (data.tokenizer is not None or data.clip or data.low_res):
+        node["dataloaders"] = dict(node["dataloaders"], low_res_size=64 if data.low_res else None)
+        if data.tokenizer is not None:
+            node["dataloaders"]["tokenizer"] = option_nodes("dataloaders/tokenizer", config_dir)[data.tokenizer]
+        if data.clip:
+            node["dataloaders"]["clip_cache"] = {"_target_": "dataloaders.clip_cache.ClipCache"}
+    return Spec.from_config(node, names)
+
+
+Combination = tuple[dict[str, str], DataVariant, "str | None"]  # (options, data variant, problem or None)
+
+
+@functools.cache
+def combinations(config_dir: Path = CONFIG_DIR) -> list[Combination]:
+    """Every combination of the config tree's model, loss, solver (and null), data (per variant) and
+    eval options, with its problem (None: the combination is valid)."""
+    options = declared_options(config_dir)
+    out: list[Combination] = []
+    for model, loss, solver, ev in itertools.product(
+        options["model"], options["loss"], [*options["solver"], "null"], options["eval"]
+    ):
+        for data in data_variants(config_dir):
+            names = {"model": model, "loss": loss, "solver": solver, "dataloaders": data.name, "eval": ev}
+            out.append((names, data, problem(spec_for(names, data, config_dir), options)))
+    return out
+
+
+def compat_table(config_dir: Path = CONFIG_DIR) -> str:
+    """A markdown table of what goes together, from the declared kinds: one row per set of models and
+    data sets that take the same losses, solvers and evaluators (in some variant of the data: its
+    tokenizer, CLIP cache or low-res copies)."""
+    signatures: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
+    for names, data, reason in combinations(config_dir):
+        if reason is None:
+            fits = signatures.setdefault((names["model"], data.name), set())
+            fits.add((names["loss"], names["solver"], names["eval"]))
+    by_model: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for (model, data_name), fits in signatures.items():
+        losses: dict[str, set[str]] = {}
+        for loss, solver, _ in fits:
+            losses.setdefault(loss, set()).add(solver)
+        trains = "; ".join(
+            f"{loss} → {', '.join(sorted(s)).replace('null', 'its own pipeline (~solver)')}"
+            for loss, s in sorted(losses.items())
+        )
+        evals = ", ".join(sorted({e for _, _, e in fits}))
+        by_model.setdefault(model, {}).setdefault((trains, evals), []).append(data_name)
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for model, groups in by_model.items():
+        for (trains, evals), datas in groups.items():
+            rows.setdefault((", ".join(sorted(datas)), trains, evals), []).append(model)
+    lines = ["| model | dataloaders | loss → solver | eval |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {', '.join(models)} | {data} | {trains} | {evals} |" for (data, trains, evals), models in rows.items()
+    ]
+    return "\n".join(lines)
+
+
+def _fits(options: Mapping[str, Any], ok: Any) -> str:
+    names = [name for name, c in options.items() if c is not None and ok(c)]
+    return "|".join(names) if names else "(none)"
+
+
+def _data_conditioning(spec: Spec) -> str:
+    data = spec.classes["dataloaders"]
+    if declared(data, "kind", "") in ("captioned", "sdxl_cache"):
+        return "text"
+    return "class" if spec.num_classes > 0 else "none"
+
+
+def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
+    """The first reason the pieces do not fit, as one line; None when they do."""
+    options = declared_options() if options is None else options
+    n, c = spec.names, spec.classes
+    model, loss, sampler, data, ev = (c[g] for g in GROUPS)
+    data_kind = declared(data, "kind", "")
+    model_kinds, output = declared(model, "data_kinds"), declared(model, "output", "")
+    traits = declared(model, "traits")
+
+    if data_kind not in model_kinds:
+        fit = _fits(options["dataloaders"], lambda d: declared(d, "kind", "") in model_kinds)
+        return (
+            f"model={n['model']} takes {'|'.join(model_kinds)} data; dataloaders={n['dataloaders']} serves "
+            f"{data_kind} data: use dataloaders={fit}"
+        )
+    loss_outputs = loss.trainable_outputs(spec.loss_settings or {})
+    if output not in loss_outputs or not set(declared(loss, "model_traits")) <= set(traits):
+
+        def trains_model(l_: Any) -> bool:
+            return output in l_.trainable_outputs({}) and set(declared(l_, "model_traits")) <= set(traits)
+
+        what = "no CLIP adapter" if declared(loss, "model_traits") and output in loss_outputs else f"{output} output"
+        if output in loss.trainable_outputs({}) and output not in loss_outputs:
+            return (
+                f"loss={n['loss']} with these loss.* settings trains {'|'.join(loss_outputs)} models; "
+                f"model={n['model']} has {what}: change the loss.* override (e.g. loss.loss_type=simple)"
+            )
+        return (
+            f"loss={n['loss']} trains {'|'.join(loss_outputs)} models"
+            f"{' with ' + ', '.join(declared(loss, 'model_traits')) if declared(loss, 'model_traits') else ''}; "
+            f"model={n['model']} has {what}: use loss={_fits(options['loss'], trains_model)}"
+        )
+    tokens, reads = declared(spec.tokenizer, "kind", None), declared(model, "tokenizer", None)
+    if data_kind == "captioned" and reads is not None and tokens != reads:
+        return (
+            f"model={n['model']} reads {reads} tokens; dataloaders={n['dataloaders']} tokenizes for {tokens}: "
+            f"use dataloaders/tokenizer={reads}"
+        )
+    needs = model.needs_cond(spec.model_settings or {})
+    if [k for k in needs if k not in spec.provides]:
+        return (
+            f"model={n['model']} upsamples cond['low_res']; dataloaders={n['dataloaders']} has no low_res_size: "
+            "set dataloaders.low_res_size=64 (experiment=glide_upsample_finetune does)"
+        )
+    missing = [k for k in declared(loss, "needs_cond") if k not in spec.provides]
+    if missing:
+        return (
+            f"loss={n['loss']} needs CLIP embeddings in every batch (cond['clip']); dataloaders={n['dataloaders']} "
+            "has no clip_cache: set dataloaders.clip_cache (as experiment=glide_clip_phase1 does)"
+        )
+    loss_data = declared(loss, "data_kinds")
+    if loss_data and data_kind not in loss_data:
+        return (
+            f"loss={n['loss']} trains on {'|'.join(loss_data)} data (its samplers clip to [-1, 1]); "
+            f"dataloaders={n['dataloaders']} serves {data_kind} data: use loss="
+            + _fits(options["loss"], lambda l_: output in l_.trainable_outputs({})
+                    and (not declared(l_, "data_kinds") or data_kind in declared(l_, "data_kinds")))
+        )  # fmt: skip
+    if data_kind not in declared(ev, "data_kinds") or output not in declared(ev, "model_outputs"):
+        fit = _fits(
+            options["eval"], lambda e: data_kind in declared(e, "data_kinds") and output in declared(e, "model_outputs")
+        )
+        return (
+            f"eval={n['eval']} scores {'|'.join(declared(ev, 'model_outputs'))} models on "
+            f"{'|'.join(declared(ev, 'data_kinds'))} data; model={n['model']} on dataloaders={n['dataloaders']} "
+            f"is {output} on {data_kind} data: use eval={fit}"
+        )
+    trains = declared(loss, "trains", "")
+    if declared(ev, "uses_sampler", True):
+        if sampler is None:
+            fit = _fits(options["solver"], lambda s: trains in declared(s, "samples"))
+            return f"eval={n['eval']} samples with the run's solver, and there is none: use solver={fit}"
+        if trains not in declared(sampler, "samples"):
+            fit = _fits(options["solver"], lambda s: trains in declared(s, "samples"))
+            return (
+                f"solver={n['solver']} samples {'|'.join(declared(sampler, 'samples'))} models; model={n['model']} "
+                f"with loss={n['loss']} predicts {trains}: use solver={fit}"
+            )
+    elif sampler is not None:
+        return (
+            f"eval={n['eval']} samples through the model's own pipeline, so solver={n['solver']} would be "
+            "ignored: drop it with ~solver (as experiment=sdxl_lora does)"
+        )
+    settings = spec.loss_settings or {}
+    if (_number(settings.get("omega", 1.0)) != 1.0 or _number(settings.get("kappa", 0.0)) != 0.0) and (
+        _data_conditioning(spec) != "class"
+    ):
+        return (
+            f"loss.omega/kappa (training-time guidance) need class labels; dataloaders={n['dataloaders']} has none: "
+            "set dataloaders.num_classes or leave loss.omega=1 loss.kappa=0"
+        )
+    if spec.guidance_scale != 1.0:
+        if _data_conditioning(spec) == "none":
+            return (
+                f"eval.guidance_scale={spec.guidance_scale:g} needs a conditional model; "
+                f"dataloaders={n['dataloaders']} has no classes or captions: use eval.guidance_scale=1"
+            )
+        pretrained = model.learned_null(spec.model_settings or {})
+        if spec.cond_dropout <= 0 and not pretrained:
+            return (
+                f"eval.guidance_scale={spec.guidance_scale:g} needs a model trained with the null condition, but "
+                f"loss={n['loss']} has cond_dropout=0 and model={n['model']} starts from no weights that learned it: "
+                "set loss.cond_dropout=0.1, or eval.guidance_scale=1"
+            )
+    return None
+
+
+def check(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Raise the first mismatch as a one-line ``UserError``."""
+    reason = problem(spec, options)
+    if reason is not None:
+        raise UserError(reason)
+
+
+def choices_of(cfg: DictConfig) -> dict[str, str]:
+    """The group options a composed config was made of (``cfg.choices``, recorded in checkpoints too)."""
+    node = cfg.get("choices") or {}
+    return {group: str(node.get(group)) for group in GROUPS}
