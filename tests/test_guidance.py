@@ -55,7 +55,8 @@ def accuracy(judge: LogisticRegression, model: torch.nn.Module, solver, nfe: int
 def test_guidance_makes_samples_more_recognisable_as_their_class(make_cfg, judge, loss, nfe, epochs):
     cfg = make_cfg(*DIGITS, *SMALL_UNET, *loss, "loss.cond_dropout=0.2", f"epochs={epochs}", "optimizer.lr=2e-3",
                    "lr_schedule=constant", "eval.every_epochs=0", f"eval.nfe=[{nfe}]", "eval.num_samples=64",
-                   "eval.trajectory_points=0", "checkpoint.archive_every_epochs=0", "trainer.ema_decay=0.99")  # fmt: skip
+                   "eval.trajectory_points=0", "checkpoint.archive_every_epochs=0",
+                   "trainer.ema_decay=0.99")  # fmt: skip
     _, objects = train(cfg)
     model, solver = objects["ema"].module.eval(), objects["solver"]
     unguided, guided = (accuracy(judge, model, solver, nfe, w) for w in (1.0, 3.0))
