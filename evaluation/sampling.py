@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from models.conditioning import Cond, null_condition
 from models.contract import diffusion_time
-from solvers.base import Sampler, Solution, Velocity
-from solvers.diffusion import Denoiser
+from solvers.base import Denoiser, Sampler, Solution, Velocity
 
 
 def velocity_of(model: nn.Module, cond: Tensor | None = None, guidance_scale: float = 1.0) -> Velocity:

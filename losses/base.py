@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.contract import unwrap  # noqa: F401  (losses read a wrapped model's helpers through it)
-
 
 @dataclass
 class LossOutput:
@@ -34,6 +32,10 @@ class Loss:
     fixed_model_calls = True
     trains = ""  # what the model learns to predict: velocity | average_velocity | eps (training/compat.py)
     model_outputs: tuple[str, ...] = ("field",)  # the model outputs it can train
+    model_traits: tuple[str, ...] = ()  # what else the model must have (a CLIP adapter)
+    data_kinds: tuple[str, ...] = ()  # the data it trains on; () = whatever the model takes
+    needs_cond: tuple[str, ...] = ()  # batch entries beyond x1 and the condition (CLIP embeddings)
+    cond_dropout: float = 0.0  # share of rows trained with the null condition
 
     @classmethod
     def trainable_outputs(cls, settings: dict) -> tuple[str, ...]:

@@ -31,12 +31,13 @@ class ConvBlock(nn.Module):
 
 
 class SmallCNN(Model):
-    data_kinds = ("image", "latent")
-    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)`` on (B, C, H, W) images; ~0.5M parameters at the default width.
 
     Conditioning is the UNet's (t, t - r and label embeddings summed), at width ``2 * channels``.
     """
+
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
 
     def __init__(
         self, in_channels: int = 3, channels: int = 64, num_blocks: int = 5, norm_groups: int = 8, num_classes: int = 0

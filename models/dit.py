@@ -105,13 +105,14 @@ class FinalLayer(nn.Module):
 
 
 class DiT(Model):
-    data_kinds = ("image", "latent")
-    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)``: a DiT on patches of x, conditioned on t, t - r and a class label.
 
     ``num_classes=0`` builds an unconditional model (no label embedder; ``cond`` must be None).
     Otherwise ``cond=None`` selects the learned null class, as classifier-free guidance needs.
     """
+
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
 
     def __init__(
         self,

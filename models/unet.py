@@ -112,14 +112,15 @@ def run_stage(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
 
 
 class UNet(Model):
-    data_kinds = ("image", "latent")
-    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
     """``v(x, t, r, cond)`` on (B, C, H, W) images; output has x's shape.
 
     ``attention_resolutions`` are feature-map sizes (``image_size`` halved once per level). The
     encoder yields one skip per stage (input conv, each residual block, each downsample); the
     decoder has ``num_res_blocks + 1`` blocks per level, each consuming one skip.
     """
+
+    data_kinds = ("image", "latent")
+    output = "field"  # a tensor of x's shape: velocity, average velocity or eps, as its loss trains it
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training import compat
+from training import compat_matrix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", action="store_true", help="count valid and refused combinations instead")
     args = p.parse_args(argv)
     if args.counts:
-        combos = compat.combinations()
+        combos = compat_matrix.combinations()
         valid = sum(reason is None for _, _, reason in combos)
         print(f"{len(combos)} combinations: {valid} valid, {len(combos) - valid} refused")
     else:
-        print(compat.compat_table())
+        print(compat_matrix.compat_table())
     return 0
 
 

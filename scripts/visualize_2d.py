@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--solver",
         choices=sorted(SOLVERS),
-        default="euler",
-        help="ODE solver (default: euler; dopri5 is adaptive and ignores --nfe)",
+        default=None,
+        help="ODE solver (default: the checkpoint's own, else euler; dopri5 is adaptive and ignores --nfe)",
     )
     p.add_argument(
         "--nfe",
@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def own_solver(state: dict) -> str:
+    """The solver the checkpoint was trained and evaluated with, where this script has it."""
+    name = (state["config"].get("choices") or {}).get("solver")
+    return name if name in SOLVERS else "euler"
+
+
 def visualize(args: argparse.Namespace) -> list[Path]:
     """Write the three figures; returns their paths."""
     model, state = load_model(args.checkpoint, use_ema=not args.raw)
@@ -83,7 +89,14 @@ def visualize(args: argparse.Namespace) -> list[Path]:
             "this script plots (N, D >= 2) data"
         )
     noise = torch.randn(args.num_samples, data.shape[1], generator=torch.Generator().manual_seed(args.seed))
-    solver = SOLVERS[args.solver]()
+    name = args.solver or own_solver(state)
+    solver = SOLVERS[name]()
+    trains = state.get("sampling", {}).get("trains")
+    if trains is not None and trains not in solver.samples:
+        fits = "|".join(n for n, s in sorted(SOLVERS.items()) if trains in s.samples)
+        raise UserError(f"--solver {name} samples {'|'.join(solver.samples)} models; this one predicts {trains}: "
+                        f"use --solver {fits}")  # fmt: skip
+    args.solver = name
     solution, trajectory = sample(model, solver, noise, args.nfe, trajectory_points=min(args.points, args.num_samples))
     assert trajectory is not None  # trajectory_points >= 1
 

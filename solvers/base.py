@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 Velocity = Callable[..., Tensor]  # velocity(x, t) or velocity(x, t, r)
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, "Tensor | None"]]  # (x, t_orig) -> (eps, var_values | None)
 Callback = Callable[[Tensor, Tensor], None]  # callback(t, x) after each step
 
 

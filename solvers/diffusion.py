@@ -39,10 +39,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import Tensor
 
-from solvers.base import Callback, Sampler, Solution
+from solvers.base import Callback, Denoiser, Sampler, Solution
 from solvers.diffusion_schedule import DiffusionSchedule, betas_for
-
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]  # (x, t_orig) -> (eps, var_values | None)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -17,6 +17,7 @@ from tests.conftest import GLIDE_DATA
 from tests.test_caption_data import photos, shards  # noqa: F401  (fixtures)
 from tests.test_clip_score import one_thread, tiny  # noqa: F401  (fixtures)
 from training.checkpoint import load_checkpoint
+from training.compose import compose_config
 from training.errors import UserError
 from training.train import train
 
@@ -75,6 +76,15 @@ def test_base_fine_tuning_lowers_the_loss_and_writes_grids(make_cfg, captioned: 
     assert saved["eval/guidance_scale"] == 3.0 and saved["eval/num_prompts"] == 4
     state = load_checkpoint(objects["checkpoint"], "test")
     assert state["config"]["model"]["_target_"] == "models.glide.GlideUNet" and state["step"] == 150
+    # eval-only on the launcher's defaults (solver=euler, eval=energy): the checkpoint's own sampler and grids;
+    # eval=prompts from the command line resolves against the checkpoint's data (its tokenizer), not moons'
+    for extra in ([], ["eval=prompts", "eval.samples_per_prompt=1"]):
+        again = tmp_path / f"again{len(extra)}"
+        train(compose_config([f"eval_checkpoint={objects['checkpoint']}", "run_name=again", f"paths.run_dir={again}",
+                              "trackio.enabled=false", f"paths.experiment_log={tmp_path}/log.md", *extra]))  # fmt: skip
+        rescored = json.loads((again / "metrics.json").read_text())
+        assert rescored["eval/sampler"] == "ddpm" and rescored["eval/solver"] == saved["eval/solver"]
+        assert (again / "grid_final.png").is_file()
 
 
 def test_text_encoder_gets_its_own_learning_rate_or_is_frozen(make_cfg, captioned: Path) -> None:

@@ -1,6 +1,6 @@
 """The whole config tree: every model x loss x solver x data x eval combination is valid or refused.
 
-The options come from the config folders (training/compat.py reads them), so a new YAML is covered
+The options come from the config folders (training/config_tree.py reads them), so a new YAML is covered
 without editing this file. Every combination is checked against the declared kinds; the valid ones
 that a pairwise cover picks are trained for a few steps with ``debug=smoke``, evaluated, and their
 metrics.json checked; a refusal of each kind runs through ``train`` to show it stops before any
@@ -22,35 +22,40 @@ import torch
 from PIL import Image
 
 from tests.conftest import GLIDE_DATA
-from training import compat
+from training import compat_matrix, config_tree
 from training.checkpoint import load_checkpoint
 from training.compose import compose_config
 from training.errors import UserError
 from training.train import train
 
-ALL = compat.combinations()
+Case = tuple[dict[str, str], compat_matrix.DataVariant]  # (group -> option, data variant)
+Refusal = tuple[dict[str, str], compat_matrix.DataVariant, str]  # ... and the one-line reason
+
+ALL = compat_matrix.combinations()
 VALID = [(names, data) for names, data, reason in ALL if reason is None]
 REFUSED = [(names, data, reason) for names, data, reason in ALL if reason is not None]
 OFFLINE = {"cifar10": "CIFAR-10 downloads from the internet (not reachable here); its class is covered by folder"}
 
 
-def cid(names: dict[str, str], data: compat.DataVariant) -> str:
+def cid(names: dict[str, str], data: compat_matrix.DataVariant) -> str:
     return "-".join([names["model"], names["loss"], names["solver"], data.label(), names["eval"]]).replace(" ", "")
 
 
 def _classes(names: dict[str, str]) -> dict[str, object]:
-    options = compat.declared_options()
-    return {g: options[g].get(names[g]) for g in compat.GROUPS}
+    options = config_tree.declared_options()
+    return {g: options[g].get(names[g]) for g in config_tree.GROUPS}
 
 
-def pairwise_cover(valid: list[tuple[dict[str, str], compat.DataVariant]]) -> list[tuple[dict, compat.DataVariant]]:
+def pairwise_cover(
+    valid: list[tuple[dict[str, str], compat_matrix.DataVariant]],
+) -> list[tuple[dict, compat_matrix.DataVariant]]:
     """A few valid combinations that hold every option (and data setting: tokenizer, CLIP cache, low-res)
     once and every valid pair of (loss, solver), (model class, loss / solver / data / eval), (data, loss)
     and (data, eval) at least once: greedy set cover, deterministic."""
 
-    def features(names: dict[str, str], data: compat.DataVariant) -> set[tuple]:
+    def features(names: dict[str, str], data: compat_matrix.DataVariant) -> set[tuple]:
         model = _classes(names)["model"]
-        single = {(g, names[g]) for g in compat.GROUPS}
+        single = {(g, names[g]) for g in config_tree.GROUPS}
         single |= {("tokenizer", data.tokenizer), ("clip", data.clip), ("low_res", data.low_res)}
         pairs = {
             ("loss-solver", names["loss"], names["solver"]),
@@ -73,7 +78,9 @@ def pairwise_cover(valid: list[tuple[dict[str, str], compat.DataVariant]]) -> li
     return chosen
 
 
-def one_per_class(valid: list[tuple[dict[str, str], compat.DataVariant]]) -> list[tuple[dict, compat.DataVariant]]:
+def one_per_class(
+    valid: list[tuple[dict[str, str], compat_matrix.DataVariant]],
+) -> list[tuple[dict, compat_matrix.DataVariant]]:
     """One valid combination per (model class, data class and variant, loss, solver, eval)."""
     seen, out = set(), []
     for names, data in valid:
@@ -85,7 +92,9 @@ def one_per_class(valid: list[tuple[dict[str, str], compat.DataVariant]]) -> lis
     return out
 
 
-def refusal_kinds(refused: list[tuple[dict, compat.DataVariant, str]]) -> list[tuple[dict, compat.DataVariant, str]]:
+def refusal_kinds(
+    refused: list[tuple[dict, compat_matrix.DataVariant, str]],
+) -> list[tuple[dict, compat_matrix.DataVariant, str]]:
     """The first refusal of each kind of message (the message with its option names blanked)."""
     seen, out = set(), []
     for names, data, reason in refused:
@@ -107,17 +116,19 @@ def test_every_combination_is_valid_or_refused_in_one_line_that_names_both_sides
         assert "\n" not in reason, reason
         assert len(set(groups.findall(reason))) >= 2, reason  # both sides of the mismatch
         assert re.search(r"\b(use|set|change|drop)\b", reason), reason  # and what to do instead
-        assert any(f"{g}={names[g]}" in reason for g in compat.GROUPS), reason
+        assert any(f"{g}={names[g]}" in reason for g in config_tree.GROUPS), reason
     # nothing in the tree is unusable: every option of every group is in some valid combination
-    for group in compat.GROUPS:
-        options = set(compat.declared_options()[group]) | ({"null"} if group == "solver" else set())
+    for group in config_tree.GROUPS:
+        options = set(config_tree.declared_options()[group]) | ({"null"} if group == "solver" else set())
         assert {names[group] for names, _ in VALID} == options, group
     assert len(VALID) > 1000 and len(REFUSED) > 10 * len(VALID)
 
 
 def test_the_readme_table_is_the_declared_kinds():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert compat.compat_table() in readme, "README's compatibility table is stale: python scripts/compat_table.py"
+    assert compat_matrix.compat_table() in readme, (
+        "README's compatibility table is stale: python scripts/compat_table.py"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +226,11 @@ TEXT_MODELS = {"eps_var", "pipeline"}
 
 def options_of(names: dict[str, str]) -> list[str]:
     """``group=option`` overrides; no solver is ``~solver`` (Hydra's removal of a default)."""
-    return [f"{g}={names[g]}" if names[g] != "null" else f"~{g}" for g in compat.GROUPS]
+    return [f"{g}={names[g]}" if names[g] != "null" else f"~{g}" for g in config_tree.GROUPS]
 
 
 def variant_overrides(
-    data: compat.DataVariant, clip_name: str = "x", clip_weights: str = "x", clip_dir: str = "x"
+    data: compat_matrix.DataVariant, clip_name: str = "x", clip_weights: str = "x", clip_dir: str = "x"
 ) -> list[str]:
     out = [f"dataloaders/tokenizer={data.tokenizer}"] if data.tokenizer is not None else []
     out += [f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}"] if data.tokenizer == "glide" else []
@@ -233,7 +244,7 @@ def variant_overrides(
     return out
 
 
-def overrides_for(names: dict[str, str], data: compat.DataVariant, assets: Assets) -> list[str]:
+def overrides_for(names: dict[str, str], data: compat_matrix.DataVariant, assets: Assets) -> list[str]:
     """The command line of one combination: its options, ``debug=smoke``, and where its data lives."""
     out = options_of(names) + ["debug=smoke"]
     classes = _classes(names)
@@ -271,7 +282,7 @@ def overrides_for(names: dict[str, str], data: compat.DataVariant, assets: Asset
     return out
 
 
-def run_combination(names: dict[str, str], data: compat.DataVariant, assets: Assets, tmp_path: Path) -> None:
+def run_combination(names: dict[str, str], data: compat_matrix.DataVariant, assets: Assets, tmp_path: Path) -> None:
     cfg = compose_config(
         [
             *overrides_for(names, data, assets),

@@ -93,6 +93,14 @@ def test_visualize_writes_samples_trajectories_and_animation(checkpoint, tmp_pat
         assert gif.n_frames > 1
 
 
+def test_visualize_refuses_a_solver_the_model_was_not_trained_for(checkpoint, tmp_path):
+    """The flow-matching checkpoint predicts a velocity: MeanFlow's jumps would plot nonsense."""
+    done = run_script("visualize_2d", str(checkpoint), "--solver", "meanflow", "--num-samples", "10",
+                      trackio_dir=tmp_path)  # fmt: skip
+    assert_one_line_error(done)
+    assert "--solver meanflow samples average_velocity models; this one predicts velocity: use --solver" in done.stderr
+
+
 @pytest.mark.parametrize("script", ["visualize_2d", "export"])
 @pytest.mark.parametrize("case", ["missing", "corrupt"])
 def test_missing_or_corrupt_checkpoint_is_a_one_line_error(script, case, tmp_path):

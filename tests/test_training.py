@@ -11,9 +11,9 @@ import torch
 from hydra.utils import get_object, instantiate
 
 import training.checkpoint as checkpoint_mod
-from training import compat
+from training import config_tree
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.compat import target_class
+from training.config_tree import target_class
 from training.errors import NonFiniteLossError, UserError
 from training.train import train
 
@@ -83,8 +83,8 @@ def test_every_group_option_instantiates(make_cfg, group, image_folder):
             assert obj.func is get_object(cfg[group]["_target_"]), option
         else:  # the object is what its _target_ names, and what the declared kinds were read from
             assert isinstance(obj, target_class(cfg[group])), option
-            if group in compat.GROUPS:
-                assert target_class(cfg[group]) is compat.declared_options()[group][option], option
+            if group in config_tree.GROUPS:
+                assert target_class(cfg[group]) is config_tree.declared_options()[group][option], option
         if group == "model":
             assert sum(p.numel() for p in obj.parameters()) > 0, option
 
@@ -361,3 +361,21 @@ def test_overwrite_with_a_broken_config_keeps_the_old_checkpoint(make_cfg):
     with pytest.raises(UserError, match="model config is invalid"):
         train(make_cfg("overwrite=true", "model.depth=0"))
     assert load_checkpoint(objects["checkpoint"])["step"] == 16
+
+
+def test_a_run_from_before_cond_dropout_resumes_and_rescores(make_cfg, tmp_path):
+    """Checkpoints name the loss's dropout as they were written (uncond_p, class_dropout, ...): they load
+    in today's names, so resume=true is not refused over the rename."""
+    _, objects = train(make_cfg("loss=meanflow", "solver=meanflow"))
+    path = objects["checkpoint"]
+    state = torch.load(path, weights_only=True)
+    loss = state["config"]["loss"]
+    state["config"]["loss"] = {**{k: v for k, v in loss.items() if k != "cond_dropout"}, "class_dropout": 0.1,
+                               "num_classes": 0}  # fmt: skip
+    del state["sampling"], state["config"]["choices"]  # and from before checkpoints recorded their sampler
+    torch.save(state, path)
+    assert load_checkpoint(path)["config"]["loss"] == loss
+    train(make_cfg(f"eval_checkpoint={path}", "run_name=ev", f"paths.run_dir={tmp_path}/ev"))
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval/sampler"] == "meanflow"
+    metrics, _ = train(make_cfg("loss=meanflow", "solver=meanflow", "resume=true", "epochs=3"))
+    assert metrics["train/steps"] == 24

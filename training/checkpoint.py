@@ -72,7 +72,23 @@ def check_state(state: Any, path: Path, what: str = "checkpoint") -> dict[str, A
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise UserError(f"{what} {path} lacks {', '.join(missing)}; it is damaged: use another checkpoint")
+    if isinstance(state.get("config"), dict) and isinstance(state["config"].get("loss"), dict):
+        state["config"]["loss"] = upgrade_loss_config(state["config"]["loss"])
     return state
+
+
+LEGACY_DROPOUT = ("uncond_p", "class_dropout", "caption_dropout")  # each loss's name before cond_dropout
+
+
+def upgrade_loss_config(loss: dict[str, Any]) -> dict[str, Any]:
+    """A loss config written before ``cond_dropout`` in today's names, so such runs resume and re-score:
+    its dropout key becomes ``cond_dropout`` (0 where it had none, as it trained), and MeanFlow's
+    ``num_classes`` (now the data's) goes."""
+    if "cond_dropout" in loss:
+        return loss
+    old = [k for k in LEGACY_DROPOUT if k in loss]
+    upgraded = {k: v for k, v in loss.items() if k not in (*LEGACY_DROPOUT, "num_classes")}
+    return {**upgraded, "cond_dropout": loss[old[0]] if old else 0.0}  # fm had none: it trained without
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

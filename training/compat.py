@@ -12,30 +12,21 @@ read to check a run):
 - samplers: ``samples`` (the ``trains`` kinds they can sample);
 - evaluators: ``data_kinds``, ``model_outputs`` and ``uses_sampler``.
 
-``check(spec, options)`` turns the first mismatch into a one-line error naming both sides and the
-options that fit. ``Spec.from_config`` reads a composed config; ``declared_options`` reads every
-option of the config folders, for those suggestions and for the test that enumerates them all.
+``check(spec)`` turns the first mismatch into a one-line error naming both sides and the options
+that fit (read from the config folders, training/config_tree.py, only when a message needs them).
+``Spec.from_config`` reads a composed config; training/compat_matrix.py enumerates the whole tree.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import itertools
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import yaml
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from training.config_tree import GROUPS, declared, declared_options, target_class
 from training.errors import UserError
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("model", "loss", "solver", "dataloaders", "eval")
 
 
 @dataclass(frozen=True)
@@ -64,7 +55,7 @@ class Spec:
             names=dict(names),
             classes=classes,
             num_classes=_number(data.get("num_classes", 0)),
-            cond_dropout=float(_number(loss.get("cond_dropout", _legacy_dropout(loss)))),
+            cond_dropout=float(_number(loss.get("cond_dropout", 0.0))),
             guidance_scale=float(_number(ev.get("guidance_scale", 1.0))),
             loss_settings=dict(loss),
             tokenizer=target_class(data.get("tokenizer")),
@@ -73,148 +64,24 @@ class Spec:
         )
 
 
-def _legacy_dropout(loss: Mapping[str, Any]) -> float:
-    """Checkpoints written before ``cond_dropout`` named it per loss."""
-    return next((float(loss[k]) for k in ("uncond_p", "class_dropout", "caption_dropout") if k in loss), 0.0)
-
-
 def _number(value: Any) -> Any:
     """An unresolved interpolation (``${dataloaders.num_classes}``) counts as its default: these rules
     run on the resolved config at run time; the enumeration reads files."""
     return 0 if isinstance(value, str) and value.startswith("${") else value
 
 
-def target_class(node: Any) -> Any:
-    """The class a config node's ``_target_`` builds (a factory function: its return annotation)."""
-    if not isinstance(node, Mapping) or "_target_" not in node:
-        return None
-    return _class_of(str(node["_target_"]))
+class _LazyOptions(Mapping):
+    """Every option's class, imported on the first message that names the options that fit: a valid
+    run imports only its own classes."""
 
+    def __getitem__(self, group: str) -> Mapping[str, Any]:
+        return declared_options()[group]
 
-@functools.cache
-def _class_of(target: str) -> Any:
-    obj = get_object(target)
-    return typing.get_type_hints(obj).get("return", obj) if inspect.isfunction(obj) else obj
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(declared_options())
 
-
-def declared(obj: Any, name: str, default: Any = ()) -> Any:
-    value = getattr(obj, name, default)
-    return default if isinstance(value, property) else value
-
-
-def _yaml_target(group_dir: Path, option: str) -> dict[str, Any]:
-    """An option's node from its file, following ``defaults`` to a same-group parent (fm_ot -> fm) and
-    to its own subgroups (a data set's ``tokenizer: glide``)."""
-    node = yaml.safe_load((group_dir / f"{option}.yaml").read_text()) or {}
-    for entry in node.pop("defaults", []) or []:
-        if isinstance(entry, str) and entry != "_self_" and (group_dir / f"{entry}.yaml").is_file():
-            node = {**_yaml_target(group_dir, entry), **node}
-        elif isinstance(entry, dict):
-            for key, choice in entry.items():
-                if (group_dir / key / f"{choice}.yaml").is_file():
-                    node = {key: _yaml_target(group_dir / key, str(choice)), **node}
-    return node
-
-
-@functools.cache
-def option_nodes(group: str, config_dir: Path = CONFIG_DIR) -> dict[str, dict[str, Any]]:
-    """option -> its node as the files define it, for every YAML of a group (``dataloaders/tokenizer`` too)."""
-    return {p.stem: _yaml_target(p.parent, p.stem) for p in sorted((config_dir / group).glob("*.yaml"))}
-
-
-@functools.cache
-def declared_options(config_dir: Path = CONFIG_DIR) -> dict[str, dict[str, Any]]:
-    """group -> {option: its node's class} for every YAML of the checked groups."""
-    return {group: {o: target_class(n) for o, n in option_nodes(group, config_dir).items()} for group in GROUPS}
-
-
-class DataVariant(NamedTuple):
-    """A data option with the settings that change what it serves: its tokenizer, a CLIP cache, the
-    low-resolution copies an upsampler needs."""
-
-    name: str
-    tokenizer: str | None = None
-    clip: bool = False
-    low_res: bool = False
-
-    def label(self) -> str:
-        extra = [f"{self.tokenizer} tokens"] * (self.tokenizer is not None) + ["CLIP cache"] * self.clip
-        extra += ["low_res"] * self.low_res
-        return self.name + (f" ({', '.join(extra)})" if extra else "")
-
-
-def data_variants(config_dir: Path = CONFIG_DIR) -> list[DataVariant]:
-    """Each captioned data set once per tokenizer, with and without a CLIP cache; others once."""
-    tokenizers = sorted(option_nodes("dataloaders/tokenizer", config_dir))
-    out = []
-    for name, cls in declared_options(config_dir)["dataloaders"].items():
-        if declared(cls, "kind", "") == "captioned":
-            out += [DataVariant(name, t, c, low) for t in tokenizers for c in (False, True) for low in (False, True)]
-        else:
-            out.append(DataVariant(name))
-    return out
-
-
-def spec_for(names: Mapping[str, str], data: DataVariant | None = None, config_dir: Path = CONFIG_DIR) -> Spec:
-    """The spec of a combination of options as the files define them (``solver: "null"`` for none),
-    with the data variant's tokenizer and CLIP cache."""
-    node: dict[str, Any] = {g: None if names[g] == "null" else option_nodes(g, config_dir)[names[g]] for g in GROUPS}
-    if data is not None and (data.tokenizer is not None or data.clip or data.low_res):
-        node["dataloaders"] = dict(node["dataloaders"], low_res_size=64 if data.low_res else None)
-        if data.tokenizer is not None:
-            node["dataloaders"]["tokenizer"] = option_nodes("dataloaders/tokenizer", config_dir)[data.tokenizer]
-        if data.clip:
-            node["dataloaders"]["clip_cache"] = {"_target_": "dataloaders.clip_cache.ClipCache"}
-    return Spec.from_config(node, names)
-
-
-Combination = tuple[dict[str, str], DataVariant, "str | None"]  # (options, data variant, problem or None)
-
-
-@functools.cache
-def combinations(config_dir: Path = CONFIG_DIR) -> list[Combination]:
-    """Every combination of the config tree's model, loss, solver (and null), data (per variant) and
-    eval options, with its problem (None: the combination is valid)."""
-    options = declared_options(config_dir)
-    out: list[Combination] = []
-    for model, loss, solver, ev in itertools.product(
-        options["model"], options["loss"], [*options["solver"], "null"], options["eval"]
-    ):
-        for data in data_variants(config_dir):
-            names = {"model": model, "loss": loss, "solver": solver, "dataloaders": data.name, "eval": ev}
-            out.append((names, data, problem(spec_for(names, data, config_dir), options)))
-    return out
-
-
-def compat_table(config_dir: Path = CONFIG_DIR) -> str:
-    """A markdown table of what goes together, from the declared kinds: one row per set of models and
-    data sets that take the same losses, solvers and evaluators (in some variant of the data: its
-    tokenizer, CLIP cache or low-res copies)."""
-    signatures: dict[tuple[str, str], set[tuple[str, str, str]]] = {}
-    for names, data, reason in combinations(config_dir):
-        if reason is None:
-            fits = signatures.setdefault((names["model"], data.name), set())
-            fits.add((names["loss"], names["solver"], names["eval"]))
-    by_model: dict[str, dict[tuple[str, str], list[str]]] = {}
-    for (model, data_name), fits in signatures.items():
-        losses: dict[str, set[str]] = {}
-        for loss, solver, _ in fits:
-            losses.setdefault(loss, set()).add(solver)
-        trains = "; ".join(
-            f"{loss} → {', '.join(sorted(s)).replace('null', 'its own pipeline (~solver)')}"
-            for loss, s in sorted(losses.items())
-        )
-        evals = ", ".join(sorted({e for _, _, e in fits}))
-        by_model.setdefault(model, {}).setdefault((trains, evals), []).append(data_name)
-    rows: dict[tuple[str, str, str], list[str]] = {}
-    for model, groups in by_model.items():
-        for (trains, evals), datas in groups.items():
-            rows.setdefault((", ".join(sorted(datas)), trains, evals), []).append(model)
-    lines = ["| model | dataloaders | loss → solver | eval |", "| --- | --- | --- | --- |"]
-    lines += [
-        f"| {', '.join(models)} | {data} | {trains} | {evals} |" for (data, trains, evals), models in rows.items()
-    ]
-    return "\n".join(lines)
+    def __len__(self) -> int:
+        return len(declared_options())
 
 
 def _fits(options: Mapping[str, Any], ok: Any) -> str:
@@ -231,7 +98,7 @@ def _data_conditioning(spec: Spec) -> str:
 
 def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
     """The first reason the pieces do not fit, as one line; None when they do."""
-    options = declared_options() if options is None else options
+    options = _LazyOptions() if options is None else options
     n, c = spec.names, spec.classes
     model, loss, sampler, data, ev = (c[g] for g in GROUPS)
     data_kind = declared(data, "kind", "")
@@ -343,7 +210,11 @@ def check(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) ->
         raise UserError(reason)
 
 
+def uses_sampler(eval_node: Any) -> bool:
+    """Whether the evaluator a config node builds samples with the run's solver."""
+    return bool(declared(target_class(eval_node), "uses_sampler", True))
+
+
 def choices_of(cfg: DictConfig) -> dict[str, str]:
     """The group options a composed config was made of (``cfg.choices``, recorded in checkpoints too)."""
-    node = cfg.get("choices") or {}
-    return {group: str(node.get(group)) for group in GROUPS}
+    return {group: "null" if cfg.choices[group] is None else str(cfg.choices[group]) for group in GROUPS}

@@ -26,7 +26,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from evaluation.context import EvalContext
 from evaluation.errors import EvaluationError
-from training import compat, distributed
+from training import compat, config_tree, distributed
 from training.callbacks import Callback
 from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
 from training.errors import NonFiniteLossError, UserError
@@ -161,8 +161,7 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     precision.apply()
     seed_everything(cfg.seed, cfg.deterministic)
 
-    choices = OmegaConf.to_container(cfg.choices, resolve=True) if "choices" in cfg else {}
-    compat.check(compat.Spec.from_config(cfg, choices))  # type: ignore[arg-type]
+    compat.check(compat.Spec.from_config(cfg, compat.choices_of(cfg)))
     ckpt_dir = Path(cfg.paths.ckpt_dir)
     last_path = ckpt_dir / "last.pt"
     try:
@@ -369,17 +368,19 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     precision.check(device)
     precision.apply()
     state = load_checkpoint(path, "eval_checkpoint")
-    solver_node = sampler_config(cfg, state, path)
-    from_checkpoint = eval_config(cfg, state)
-    eval_node = cfg.eval if from_checkpoint is None else from_checkpoint
     saved = state["config"]
+    from_checkpoint = eval_config(cfg, state)
+    eval_node = _against_checkpoint(cfg, saved, "eval") if from_checkpoint is None else from_checkpoint
+    solver_node = sampler_config(cfg, state, path)
+    if solver_node is not None and not _overridden_choices(cfg).get("solver") and not compat.uses_sampler(eval_node):
+        solver_node = None  # written before pipeline models dropped the solver: the pipeline samples it
     names = {**{g: str(v) for g, v in (saved.get("choices") or {}).items()}, **_overridden_choices(cfg)}
     run_cfg = {**saved, "solver": solver_node, "eval": OmegaConf.to_container(eval_node, resolve=True)}
     compat.check(compat.Spec.from_config(run_cfg, _named(names, run_cfg)))
     model = model_from_state(state, path, cfg.eval_use_ema, device)
     data = load_data(state, path)
     solver = build(OmegaConf.create({"solver": solver_node}), "solver") if solver_node else None
-    evaluator = build(cfg if from_checkpoint is None else OmegaConf.create({"eval": from_checkpoint}), "eval")
+    evaluator = build(OmegaConf.create({"eval": eval_node}), "eval")
     run_eval(evaluator.prepare, device)
     run_dir = Path(cfg.paths.run_dir)
     autocast = partial(precision.autocast_context, device)
@@ -411,14 +412,31 @@ def sampling_record(resolved: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
         "solver": resolved.get("solver"),
         "solver_name": (resolved.get("choices") or {}).get("solver"),
         "trains": type(loss_fn).trains,
-        "guidable": float(getattr(loss_fn, "cond_dropout", 0.0)) > 0,
+        "guidable": loss_fn.cond_dropout > 0,
     }
+
+
+def _against_checkpoint(cfg: DictConfig, saved: dict[str, Any], group: str) -> DictConfig:
+    """The command line's ``group`` node resolved against the checkpoint's config (its data set, its
+    model) and this run's paths, not against the launcher's defaults."""
+    node = OmegaConf.create({**saved, "paths": OmegaConf.to_container(cfg.paths, resolve=True)})
+    node[group] = OmegaConf.to_container(cfg[group], resolve=False)
+    try:
+        resolved = OmegaConf.to_container(node[group], resolve=True)
+    except InterpolationResolutionError as e:
+        raise UserError(
+            f"{group}={compat.choices_of(cfg)[group]} does not fit the checkpoint's config "
+            f"({str(e).splitlines()[0]}); pick another {group} or leave it to the checkpoint"
+        ) from e
+    return OmegaConf.create(resolved)  # type: ignore[arg-type, return-value]
 
 
 def _overridden_choices(cfg: DictConfig) -> dict[str, str]:
     """The groups the command line chose (``solver=heun``), which replace the checkpoint's."""
     overrides = [str(o) for o in cfg.get("overrides") or []]
     chosen = {o.split("=")[0].lstrip("+~") for o in overrides if "=" in o}
+    if "experiment" in chosen:  # an experiment chooses groups too
+        chosen |= set(config_tree.GROUPS)
     return {g: str(v) for g, v in compat.choices_of(cfg).items() if g in chosen}
 
 
@@ -426,7 +444,7 @@ def _named(names: dict[str, str], run_cfg: dict[str, Any]) -> dict[str, str]:
     """Option names for messages; a checkpoint older than ``choices`` is named by its classes."""
     return {
         g: names.get(g) or (str(run_cfg[g]["_target_"]).rsplit(".", 1)[-1] if run_cfg.get(g) else "null")
-        for g in compat.GROUPS
+        for g in config_tree.GROUPS
     }
 
 
@@ -441,7 +459,7 @@ def sampler_config(cfg: DictConfig, state: dict[str, Any], path: Path) -> dict[s
     saved = state.get("sampling", {}).get("solver", state["config"].get("solver"))
     if saved is None:
         return None
-    allowed = {str(n.get("_target_")) for n in compat.option_nodes("solver").values()}
+    allowed = {str(n.get("_target_")) for n in config_tree.option_nodes("solver").values()}
     target = saved.get("_target_") if isinstance(saved, dict) else saved
     if target not in allowed:
         raise UserError(f"checkpoint {path} names an unknown sampler ({target!r}); pass solver=<option> to choose one")
