@@ -60,6 +60,11 @@ class Sampler:
     ) -> Solution:
         raise NotImplementedError
 
+    @classmethod
+    def max_nfe(cls, settings: dict[str, Any]) -> int | None:
+        """The largest NFE budget these settings can serve (None: any), checked before a run starts."""
+        return None
+
     def fn_options(self) -> dict[str, Any]:
         """What the closure needs to know of the sampler (a diffusion sampler: its schedule's length)."""
         return {}

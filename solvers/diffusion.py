@@ -285,6 +285,12 @@ class DiffusionSampler(Sampler):
     def settings(self) -> dict[str, Any]:
         return {"noise_schedule": self.noise_schedule, "respacing": self.respacing, "steps": self.steps, **self.options}
 
+    @classmethod
+    def max_nfe(cls, settings: dict[str, Any]) -> int | None:
+        """One step per kept timestep: at most the training schedule's length."""
+        steps = settings.get("steps", 1000)
+        return steps if isinstance(steps, int) else None
+
     def fn_options(self) -> dict[str, Any]:
         return {"steps": self.steps}
 

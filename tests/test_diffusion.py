@@ -527,3 +527,17 @@ def test_bad_sampler_settings_raise_one_line_errors():
         DiffusionSampler("euler", eta=0.5)
     with pytest.raises(ValueError, match="valid"):
         DiffusionSampler("ddim", noise_schedule="cosine")
+
+
+def test_an_nfe_budget_beyond_the_schedule_is_refused_before_any_work(make_cfg, tmp_path):
+    from training.errors import UserError
+    from training.train import train
+
+    overrides = ["dataloaders=digits", "model=cnn", "loss=diffusion", "solver=diffusion", "loss.steps=100"]
+    with pytest.raises(
+        UserError,
+        match=r"^eval.nfe=\[1, 200\] asks solver=diffusion for more steps than its "
+        r"100-step schedule: use eval.nfe values up to 100$",
+    ):
+        train(make_cfg(*overrides, "eval.nfe=[1,200]"))
+    assert not (tmp_path / "outputs").exists()

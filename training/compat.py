@@ -42,11 +42,16 @@ class Spec:
     tokenizer: Any = None  # the data's tokenizer class, for captioned data
     provides: tuple[str, ...] = ()  # optional batch entries the data is configured to add (``clip``, ``low_res``)
     model_settings: Mapping[str, Any] | None = None
+    solver_settings: Mapping[str, Any] | None = None
+    nfe: tuple[int, ...] = ()  # the evaluator's NFE budgets
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any], names: Mapping[str, str]) -> Spec:
         node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
         assert isinstance(node, Mapping)
+        solver = node.get("solver") or {}
+        if isinstance(cfg, DictConfig) and cfg.get("solver") is not None:  # its settings follow the loss's
+            solver = OmegaConf.to_container(cfg.solver, resolve=True)
         classes = {group: target_class(node.get(group)) for group in GROUPS}
         loss = node.get("loss") or {}
         data = node.get("dataloaders") or {}
@@ -61,6 +66,8 @@ class Spec:
             tokenizer=target_class(data.get("tokenizer")),
             provides=tuple(k for k, key in (("clip", "clip_cache"), ("low_res", "low_res_size")) if data.get(key)),
             model_settings=dict(node.get("model") or {}),
+            solver_settings=dict(solver),
+            nfe=tuple(n for n in (node.get("eval") or {}).get("nfe") or () if isinstance(n, int)),
         )
 
 
@@ -178,6 +185,12 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
         return (
             f"eval={n['eval']} samples through the model's own pipeline, so solver={n['solver']} would be "
             "ignored: drop it with ~solver (as experiment=sdxl_lora does)"
+        )
+    limit = sampler.max_nfe(spec.solver_settings or {}) if sampler is not None else None
+    if limit is not None and any(n > limit for n in spec.nfe):
+        return (
+            f"eval.nfe={list(spec.nfe)} asks solver={n['solver']} for more steps than its {limit}-step schedule: "
+            f"use eval.nfe values up to {limit}"
         )
     settings = spec.loss_settings or {}
     if (_number(settings.get("omega", 1.0)) != 1.0 or _number(settings.get("kappa", 0.0)) != 0.0) and (
