@@ -143,15 +143,9 @@ class Assets:
 
     @functools.cached_property
     def image_folder(self) -> Path:
-        root = self.root / "images"
-        for c, name in enumerate(("cats", "dogs")):
-            (root / name).mkdir(parents=True)
-            for i in range(16):
-                ramp = np.linspace(0, 255, 12, dtype=np.uint8)[None, :, None]
-                pixels = np.broadcast_to(ramp, (12, 12, 3)).copy()
-                pixels[..., 1] = 10 * i + 100 * c
-                Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-        return root
+        from tests.test_latents import make_images
+
+        return make_images(self.root / "images")
 
     @functools.cached_property
     def latents(self) -> Path:

@@ -379,3 +379,16 @@ def test_a_run_from_before_cond_dropout_resumes_and_rescores(make_cfg, tmp_path)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval/sampler"] == "meanflow"
     metrics, _ = train(make_cfg("loss=meanflow", "solver=meanflow", "resume=true", "epochs=3"))
     assert metrics["train/steps"] == 24
+
+
+@pytest.mark.parametrize("key, value", [("sampling", ["euler"]), ("config.choices", "meanflow")])
+def test_a_checkpoint_with_a_malformed_sampling_record_is_a_one_line_error(make_cfg, tmp_path, key, value):
+    _, objects = train(make_cfg())
+    state = torch.load(objects["checkpoint"], weights_only=True)
+    if key == "sampling":
+        state["sampling"] = value
+    else:
+        state["config"]["choices"] = value
+    torch.save(state, objects["checkpoint"])
+    with pytest.raises(UserError, match=rf"^eval_checkpoint .* has a malformed {key}; it is damaged"):
+        train(make_cfg(f"eval_checkpoint={objects['checkpoint']}", "run_name=ev"))

@@ -72,7 +72,14 @@ def check_state(state: Any, path: Path, what: str = "checkpoint") -> dict[str, A
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise UserError(f"{what} {path} lacks {', '.join(missing)}; it is damaged: use another checkpoint")
-    if isinstance(state.get("config"), dict) and isinstance(state["config"].get("loss"), dict):
+    config = state["config"]
+    nodes = {"config": config, "sampling": state.get("sampling", {})}
+    if isinstance(config, dict):
+        nodes["config.choices"] = config.get("choices", {})
+    malformed = [name for name, node in nodes.items() if not isinstance(node, dict)]
+    if malformed:
+        raise UserError(f"{what} {path} has a malformed {malformed[0]}; it is damaged: use another checkpoint")
+    if isinstance(config.get("loss"), dict):
         state["config"]["loss"] = upgrade_loss_config(state["config"]["loss"])
     return state
 

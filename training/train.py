@@ -410,7 +410,6 @@ def sampling_record(resolved: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
     and whether the model learned the null condition that guidance needs."""
     return {
         "solver": resolved.get("solver"),
-        "solver_name": (resolved.get("choices") or {}).get("solver"),
         "trains": type(loss_fn).trains,
         "guidable": loss_fn.cond_dropout > 0,
     }
