@@ -30,9 +30,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from training.distributed import needs_relaunch, relaunch_with_torchrun
-from training.errors import UserError
+from training.errors import RunInterrupted, UserError
 from training.sweep_summary import job_run_name, maximizes, record_failure
-from training.train import metrics_table, train
+from training.train import metrics_table, run_name_problem, train
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRIMARY_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
@@ -57,6 +57,16 @@ def translate_flags(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def check_run_name(argv: list[str]) -> str | None:
+    """A ``run_name`` that is not a plain folder name, before Hydra makes its run folder from it."""
+    for arg in argv:
+        if arg.startswith("run_name="):
+            for name in arg.removeprefix("run_name=").split(","):  # a sweep over names: each one
+                if problem := run_name_problem(name):
+                    return problem
+    return None
 
 
 def check_group_options(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
@@ -221,8 +231,10 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", e)  # on the console and in the run's launcher.log
         if not multirun:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(e.exit_code)
         fail_job(cfg, str(e))
+        if isinstance(e, RunInterrupted):  # Ctrl-C or SIGTERM stops the sweep, not only this job
+            sys.exit(e.exit_code)
     except Exception as e:  # in a sweep, a crash of one job must not stop the others
         if not multirun:
             raise
@@ -241,7 +253,7 @@ def worst_objective(direction: Any) -> float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = translate_flags(sys.argv[1:])
-    problem = check_group_options(sys.argv[1:]) or check_override_keys(sys.argv[1:])
+    problem = check_run_name(sys.argv[1:]) or check_group_options(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

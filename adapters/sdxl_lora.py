@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from models.fingerprint import digest_problem, with_digest
+
 log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -102,7 +104,7 @@ def save_diffusers(path: Path, parts: dict[str, Any], base: dict[str, Any]) -> N
         written = Path(tmp) / LORA_FILE
         tensors, metadata = read_safetensors(written)
         metadata[METADATA_KEY] = json.dumps(base, sort_keys=True)
-        save_file(tensors, written, metadata=metadata)
+        save_file(tensors, written, metadata=with_digest(tensors, metadata))
         os.replace(written, path)
 
 
@@ -116,16 +118,19 @@ def save_kohya(path: Path, parts: dict[str, nn.Module], alpha: float) -> None:
             state[key] = torch.tensor(float(alpha)) if key.endswith(".alpha") else value.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
+    save_file(state, tmp, metadata=with_digest(state, {"format": "pt"}))
     os.replace(tmp, path)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise LoraFileError(f"{path} is not a readable .safetensors file ({e}); pass a LoRA weights file") from e
+    if problem := digest_problem(tensors, metadata):
+        raise LoraFileError(f"LoRA file {path} {problem}")
+    return tensors, metadata
 
 
 def lora_base(metadata: dict[str, str]) -> dict[str, Any] | None:

@@ -20,6 +20,11 @@ from torch import Tensor
 Sampler = Callable[..., Tensor]  # sampler(n, generator=...) -> (n, *shape)
 
 
+class DataError(ValueError):
+    """The data ran out or went bad during training (no batch in an epoch, too many corrupt samples):
+    the launcher reports it as one line that names the data set and the fix."""
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """What a data set offers its evaluator (``data.eval_inputs()``): the held-out ``reference`` set, the

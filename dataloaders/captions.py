@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.base import HeldOut, process_shard, rank_slice
+from dataloaders.base import DataError, HeldOut, process_shard, rank_slice
 from dataloaders.caption_preprocess import (
     DECODE_ERRORS,
     Preprocess,
@@ -46,6 +46,7 @@ CAPTIONED_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 # stats keys that mean a sample was dropped (the others are information: seen, upscaled, ...)
 SKIP_REASONS = ("corrupt", "missing_image", "missing_caption", "filtered", "unreadable")
+CORRUPT_ALLOWANCE = 10  # corrupt samples an epoch may skip whatever max_corrupt says (small test sets)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -88,7 +89,8 @@ class CaptionLoader:
 
     def __init__(self, chunks: Callable[[int], Iterable[dict]], length: int, batch_size: int,
                  tokenizer: Tokenizer, device: torch.device, seed: int, uncond_p: float, name: str,
-                 stop_at_length: bool = False, clip: ClipCache | None = None):  # fmt: skip
+                 stop_at_length: bool = False, clip: ClipCache | None = None,
+                 max_corrupt: float = 0.05):  # fmt: skip
         self.chunks = chunks
         self.length = length
         self.batch_size = batch_size
@@ -99,6 +101,7 @@ class CaptionLoader:
         self.name = name
         self.stop_at_length = stop_at_length
         self.clip = clip
+        self.max_corrupt = max_corrupt  # the fraction of corrupt or unreadable samples an epoch may skip
         self.epoch = 0
         self.stats: Counter = Counter()
 
@@ -136,8 +139,15 @@ class CaptionLoader:
             n += 1
             if self.stop_at_length and n >= self.length:
                 break
+        bad = self.stats["corrupt"] + self.stats["unreadable"]
+        if bad > max(CORRUPT_ALLOWANCE, self.max_corrupt * (self.stats["seen"] + self.stats["unreadable"])):
+            raise DataError(
+                f"{self.name}: {bad} corrupt or unreadable of {self.stats['seen']} samples read in epoch "
+                f"{self.epoch} ({self.describe()}), over dataloaders.max_corrupt={self.max_corrupt}; "
+                "re-create the damaged shards or raise dataloaders.max_corrupt"
+            )
         if n == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: epoch {self.epoch} made no batch of {self.batch_size} ({self.describe()}); "
                 "lower batch_size or num_workers, or loosen the filters"
             )

@@ -230,7 +230,10 @@ class FolderData(_SplitData):
         if len(full_train) == 0:  # type: ignore[arg-type]
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under dataloaders.root={root}")
         perm = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(data_seed)).tolist()  # type: ignore[arg-type]
-        n_eval = min(num_eval, len(perm) // 10)
+        _check(
+            len(perm) >= 2, f"dataloaders.root={root} holds {len(perm)} image: it takes at least 2 (one is held out)"
+        )
+        n_eval = max(1, min(num_eval, len(perm) // 10))  # at least one held-out image to score against
         self.train, self.held_out = Subset(full_train, perm[n_eval:]), Subset(full_eval, perm[:n_eval])
         self.batch_size, self.num_workers = batch_size, num_workers
         self._finish(image_size, n_eval)

@@ -306,8 +306,11 @@ class WebDatasetData:
         test_run: int | None = None,
         seed: int = 0,
         clip_cache: ClipCache | None = None,
+        max_corrupt: float = 0.05,
     ):
         check_rgb_unlabelled(channels, num_classes)
+        _check(0 <= max_corrupt <= 1, f"dataloaders.max_corrupt must be a fraction in [0, 1], got {max_corrupt}")
+        self.max_corrupt = max_corrupt
         self.shards = resolve_shards(urls)
         _check(
             bool(self.shards),
@@ -391,7 +394,7 @@ class WebDatasetData:
 
         return CaptionLoader(chunks, self.length, per_rank, self.tokenizer, device, rank_seed(run_seed, rank),
                              self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled,
-                             clip=self.clip_cache)  # fmt: skip
+                             clip=self.clip_cache, max_corrupt=self.max_corrupt)  # fmt: skip
 
     def eval_inputs(self) -> HeldOut:
         return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)

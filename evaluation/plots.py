@@ -14,6 +14,9 @@ from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 def _limits(*arrays: np.ndarray) -> tuple[float, float, float, float]:
     pts = np.concatenate([a[:, :2] for a in arrays])
+    pts = pts[np.isfinite(pts).all(axis=1)]  # a diverged model's samples hold inf: plot the rest
+    if len(pts) == 0:
+        return -1.0, 1.0, -1.0, 1.0
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
     pad = 0.1 * (hi - lo)
     return lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1]

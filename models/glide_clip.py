@@ -32,11 +32,11 @@ from typing import Any
 import safetensors
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from adapters.open_clip_loader import architecture_dim
-from models.fingerprint import weights_fingerprint
+from models.fingerprint import digest_problem, weights_fingerprint, with_digest
 from models.glide import (
     DEFAULT_CHANNEL_MULT,
     TEXT_ENCODER_PREFIXES,
@@ -314,7 +314,8 @@ class GlideClipUNet(GlideUNet):
             raise ValueError(f"adapter path {path} must end in .safetensors (its description goes beside it as .json)")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
         description = json.dumps(self.adapter_description(extra), indent=2, default=str) + "\n"
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT}))
+        metadata = with_digest(tensors, {"format": ADAPTER_FORMAT})
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(description))
         log.info("CLIP adapter saved to %s (step %d)", path, int(self.clip_adapter.step))
 
@@ -327,9 +328,12 @@ class GlideClipUNet(GlideUNet):
         if problem := self.adapter_mismatch(meta):
             raise ValueError(f"CLIP adapter {path} does not fit this model: {problem}")
         try:
-            found = load_file(path)
+            with safetensors.safe_open(str(path), "pt") as f:
+                found, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except safetensors.SafetensorError as err:
             raise ValueError(f"CLIP adapter {path} is truncated or not a safetensors file ({err})") from err
+        if problem := digest_problem(found, metadata):
+            raise ValueError(f"CLIP adapter {path} {problem}")
         if problem := state_dict_mismatch(self.adapter_state_dict(), found, self.super_res):
             raise ValueError(f"CLIP adapter {path} does not fit this model: {problem}")
         self.load_state_dict(found, strict=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from models.fingerprint import with_digest
 from training.errors import UserError
 from training.inference import load_model
 
@@ -51,7 +52,7 @@ def export(checkpoint: Path, out: Path, use_ema: bool = True) -> tuple[Path, Pat
     }
     out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / "model.safetensors", out / "config.yaml"
-    save_file(tensors, str(weights_path), metadata=metadata)
+    save_file(tensors, str(weights_path), metadata=with_digest(tensors, metadata))
     OmegaConf.save(OmegaConf.create(state["config"]), config_path)
     return weights_path, config_path
 

@@ -1,6 +1,10 @@
-"""Fault injection for tests: real losses that turn NaN after a number of calls."""
+"""Fault injection for tests: real losses that turn NaN, real signals sent at a known step."""
 
 from __future__ import annotations
+
+import os
+import signal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -8,6 +12,8 @@ from torch import Tensor, nn
 from losses.base import Loss, LossOutput
 from losses.flow_matching import FlowMatchingLoss
 from losses.meanflow import MeanFlowLoss
+from training import distributed
+from training.callbacks import Callback
 
 
 class _NaNAfterMixin(Loss):
@@ -39,3 +45,35 @@ class MeanFlowNaNAfter(_NaNAfterMixin, MeanFlowLoss):
     """MeanFlow whose jvp term (and so the loss) becomes NaN."""
 
     term = "meanflow/dudt_norm"
+
+
+class NaNOnce(FlowMatchingLoss):
+    """Flow matching whose loss is NaN at call ``at`` only: one bad batch, as a rollback recovers from."""
+
+    def __init__(self, at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at = at
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        out = super().__call__(model, batch)
+        self.calls += 1
+        if self.calls != self.at:
+            return out
+        return LossOutput(out.loss * torch.tensor(float("nan")), out.metrics)
+
+
+class SignalAt(Callback):
+    """Sends this process ``signals`` (names, e.g. SIGTERM) when the trainer reaches ``step``: a real
+    signal at a known step, as SLURM or a Modal shutdown would send it from outside."""
+
+    def __init__(self, step: int, signals: tuple[str, ...] = ("SIGTERM",), rank: int | None = None):
+        self.step = step
+        self.signals = tuple(signals)
+        self.rank = rank  # only this rank of a multi-process run gets the signal; None: every process
+
+    def on_step_end(self, trainer: Any) -> dict[str, float]:
+        if trainer.step == self.step and self.rank in (None, distributed.rank()):
+            for name in self.signals:
+                os.kill(os.getpid(), getattr(signal, name))
+        return {}

@@ -102,6 +102,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # the one-process fm run continues for an epoch in two processes
         ("two_resumed", tmp / "one_fm", [*SMALL, *LOSSES["fm"], "resume=true", "epochs=3"]),
         ("odd_batch", tmp / "odd", [*SMALL, "dataloaders.batch_size=127"]),
+        # SIGTERM reaches rank 0 alone, at step 5: both ranks stop after step 5
+        (
+            "sigterm",
+            tmp / "sigterm",
+            [*SMALL, "+adapter._target_=helpers.SignalAt", "+adapter.step=5", "+adapter.rank=0"],
+        ),
     ]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -199,3 +205,11 @@ def test_fsdp_refuses_the_selective_meanflow_jvp(make_cfg):
     """Its jvp is skipped on a batch without r != t samples: ranks would disagree on FSDP's all-gathers."""
     with pytest.raises(UserError, match="strategy=fsdp .* loss.full_batch_jvp=true"):
         train(make_cfg("loss=meanflow", "solver=meanflow", "trainer.strategy=fsdp"))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs):
+    last = runs["tmp"] / "sigterm" / "outputs" / "ckpts" / "mlp" / "test" / "last.pt"
+    assert runs["sigterm/0"] == (f"interrupted by SIGTERM at step 5: {last} holds it; resume with: "
+                                 "python launcher.py run_name=test resume=true")  # fmt: skip
+    assert runs["sigterm/1"].startswith("interrupted by a signal on another rank at step 5: ")
+    assert torch.load(last, weights_only=True)["step"] == 5

@@ -130,7 +130,8 @@ def test_eval_only_run_uses_the_checkpoint_eval_config_and_logs_an_eval_trackio_
     # the command: no eval= choice, so the checkpoint's image evaluator is used, with FID-48 on top
     out = subprocess.run(
         [sys.executable, "launcher.py", "run_name=fid48", f"eval_checkpoint={objects['checkpoint']}",
-         "eval.fid.num_samples=48", f"paths.root={tmp_path}/outputs", f"paths.experiment_log={tmp_path}/LOG.md"],
+         "eval.fid.num_samples=48", f"paths.root={tmp_path}/outputs", f"paths.experiment_log={tmp_path}/LOG.md",
+         "trusted_targets=[tests.fid_helpers.tiny_extractor]"],  # the test's extractor: not in configs/
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -235,6 +235,21 @@ def test_unknown_clip_model_raises_one_line():
 # --------------------------------------------------------------------------- adapter-only checkpoints
 
 
+def test_a_corrupted_adapter_file_is_refused(clip_name: str, tmp_path: Path):
+    """The file's tensors no longer match the digest save_adapter wrote into its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = make(clip_name)
+    path = tmp_path / "a.adapter.safetensors"
+    model.save_adapter(path)
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    first = next(iter(tensors))
+    save_file({**tensors, first: tensors[first] + 1}, str(path), metadata=metadata)
+    one_line_error(ValueError, lambda: model.load_adapter(path), "is corrupted: its tensors do not match the digest")
+
+
 def test_adapter_round_trip_gives_identical_outputs(clip_name: str, tmp_path: Path):
     base, path = saved_base(tmp_path)
     trained = perturb_adapter_(make(clip_name, checkpoint=str(path)))

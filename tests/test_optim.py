@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from training import checkpointing
 from training import train as train_module
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
@@ -59,13 +60,13 @@ def test_checkpoints_and_evaluation_every_n_steps_mid_epoch(make_cfg, monkeypatc
     assert state["step"] == 5  # the final checkpoint
     assert "eval/energy_distance@nfe1" in state["metrics"]
     saved = []
-    original = train_module.save_checkpoint
+    original = checkpointing.save_checkpoint
 
     def record(state, path):
         saved.append((state["step"], state["batch_in_epoch"]))
         original(state, path)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", record)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", record)
     train(make_cfg("epochs=1", "max_steps=5", "checkpoint.every_steps=3", "run_name=mid", "eval.every_steps=0"))
     assert saved[0] == (3, 3)  # mid-epoch: a resume starts on batch 4
 

@@ -16,8 +16,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from models.fingerprint import DIGEST_KEY, with_digest
 from scripts.export import export
 from scripts.trackio_delete import Run, matching_runs
+from training.checkpoint import save_checkpoint
 from training.errors import UserError
 from training.inference import load_model, model_weights
 from training.train import train
@@ -117,7 +119,7 @@ def test_weights_that_do_not_fit_the_config_are_a_user_error(checkpoint, tmp_pat
     state = torch.load(checkpoint, weights_only=True)
     state["config"]["model"]["hidden"] = 16
     bad = tmp_path / "bad.pt"
-    torch.save(state, bad)
+    save_checkpoint(state, bad)
     with pytest.raises(UserError, match="do not fit"):
         load_model(bad)
 
@@ -143,6 +145,7 @@ def test_export_round_trips_the_ema_model(checkpoint, tmp_path):
             "epoch": str(state["epoch"]),
             "weights": "ema",
             "format": state["format"],
+            DIGEST_KEY: with_digest(load_file(out / "model.safetensors"))[DIGEST_KEY],
         }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,9 +15,14 @@ from typing import Any
 
 import yaml
 from hydra.utils import get_object
+from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("model", "loss", "solver", "dataloaders", "eval")
+
+# ``hydra.run.dir`` ends in the start time and the process id: two runs started in the same second get two folders
+if not OmegaConf.has_resolver("pid"):
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 def target_class(node: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,7 +111,18 @@ def relaunch_with_torchrun(argv: list[str], devices: int, device: str | None = N
     ``trainer.devices > 1`` and not ``launched_by_torchrun()``."""
     refuse_notebook(devices)
     check_devices(devices, default_device_type(device))
-    return subprocess.run(torchrun_command(argv, devices), check=False).returncode
+    proc = subprocess.Popen(torchrun_command(argv, devices))
+    # Ctrl-C reaches every process of the terminal's group (torchrun and its workers too): this one ignores
+    # it and waits; a SIGTERM sent to this process alone is passed on. The workers stop after their step.
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum)),
+    }
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def needs_relaunch(devices: int) -> bool:
@@ -186,6 +198,16 @@ def mean_across_ranks(x: Tensor) -> Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x / dist.get_world_size()
+
+
+def any_across_ranks(flags: list[bool]) -> list[bool]:
+    """Each flag, true if it is true on any rank (one small all-reduce; a no-op in one process)."""
+    if not dist.is_initialized():
+        return flags
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    x = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in x.tolist()]
 
 
 def broadcast_object(obj: Any) -> Any:

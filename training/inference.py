@@ -1,7 +1,9 @@
 """Rebuild a trained model (and its data) from a checkpoint alone, for sampling and export scripts.
 
 The checkpoint carries its own resolved config, so no Hydra composition is needed: what was
-trained is what gets rebuilt, whatever the current config files say.
+trained is what gets rebuilt, whatever the current config files say. That config is untrusted
+data: ``load_checkpoint`` refuses a file whose config names a ``_target_`` no local config builds,
+and ``build_from_file`` is the only way anything is instantiated from it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
+from training.trusted import build_from_file
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _instantiate(state: dict[str, Any], section: str, path: Path) -> Any:
     if not isinstance(config, dict) or section not in config:
         raise UserError(f"checkpoint {path} has no '{section}' section in its config; it is damaged")
     try:
-        return instantiate(OmegaConf.create(config[section]))
+        return build_from_file(config[section])
     except InstantiationException as e:
         reason = str(e).splitlines()[0]
         raise UserError(f"checkpoint {path}: cannot rebuild its {section} ({reason})") from e

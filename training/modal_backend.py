@@ -33,7 +33,7 @@ from typing import Any
 import modal
 from omegaconf import DictConfig
 
-from training.errors import UserError
+from training.errors import RunInterrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,8 @@ def remote_train(overrides: list[str]) -> RemoteResult:
         os.environ["TRACKIO_DIR"] = str(root / "trackio" / str(cfg.run_name))
         with PeriodicCommit(commit, 60.0 * float(cfg.backend.commit_every_minutes)):
             metrics, objects = train(cfg)
+    except RunInterrupted:
+        raise  # a preempted container wrote last.pt: a failed call makes Modal retry it, and the retry resumes
     except UserError as e:
         return RemoteResult(error=str(e))
     return RemoteResult(metrics=metrics, run_dir=str(objects["run_dir"]), checkpoint=str(objects["checkpoint"]))

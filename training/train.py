@@ -24,17 +24,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from dataloaders.base import DataError
 from evaluation.context import EvalContext
 from evaluation.errors import EvaluationError
 from training import compat, config_tree, distributed
 from training.callbacks import Callback
-from training.checkpoint import FORMAT, config_differences, load_checkpoint, save_checkpoint
-from training.errors import NonFiniteLossError, UserError
+from training.checkpoint import config_differences, load_checkpoint, remove_stale_temps
+from training.checkpointing import CheckpointWriter
+from training.errors import NonFiniteLossError, RunInterrupted, UserError
 from training.experiment_log import append_entry
 from training.inference import load_data, model_from_state
 from training.optim import optimizer_groups
 from training.precision import Precision, resolve_device
+from training.run_lock import LOCK_FILE, RunLock
 from training.seeding import rng_state, seed_everything, set_rng_state
+from training.settings import check_run_settings
+from training.stopping import RunControl
 from training.tracking import Tracker, make_tracker
 from training.trainer import Trainer
 
@@ -50,9 +55,15 @@ def require_run_name(cfg: DictConfig) -> str:
         raise UserError(
             "run_name is required: add run_name=<name> (it names the checkpoint folder, trackio run and log entry)"
         )
-    if not RUN_NAME.match(str(name)):
-        raise UserError(f"run_name={name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a folder name)")
+    if problem := run_name_problem(str(name)):
+        raise UserError(problem)
     return str(name)
+
+
+def run_name_problem(name: str) -> str | None:
+    if not RUN_NAME.match(name) or name in (".", ".."):
+        return f"run_name={name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a folder name)"
+    return None
 
 
 def build(cfg: DictConfig, group: str) -> Any:
@@ -146,10 +157,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("eval_checkpoint"):
         return evaluate(cfg)
     run_name = require_run_name(cfg)
+    check_run_settings(cfg)
     ctx = distributed.setup(resolve_device(cfg.device))
+    lock = RunLock(Path(cfg.paths.ckpt_dir), run_name)
     try:
+        if ctx.is_main:  # one writer per run: rank 0 writes every file of it
+            lock.acquire()
         return _train(cfg, run_name, ctx)
     finally:
+        lock.release()  # a refused run leaves no checkpoint folder behind
         distributed.teardown(ctx)
 
 
@@ -178,7 +194,8 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
                 f"resume=true but no checkpoint at {last_path}; "
                 "check run_name and model, or drop resume=true to start the run"
             )
-        state = load_checkpoint(last_path, "resume checkpoint")
+        remove_stale_temps(ckpt_dir)
+        state = load_checkpoint(last_path, "resume checkpoint", builds=False)
         _check_resume(state, resolved, last_path)
     elif last_path.exists():
         if not cfg.overwrite:
@@ -204,7 +221,10 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     if ctx.is_main:  # rank 0 evaluates
         run_eval(evaluator.prepare, device)  # a missing FID reference or Inception fails now, not after training
     distributed.per_rank_batch(data.batch_size, ctx.world_size)
-    loader = data.train_loader(device, cfg.seed)
+    try:
+        loader = data.train_loader(device, cfg.seed)
+    except ValueError as e:
+        raise UserError(f"dataloaders config is invalid: {e}") from e
     steps_per_epoch = len(loader) // cfg.trainer.grad_accum
     callbacks: list[Callback] = [build(cfg, "adapter")] if cfg.get("adapter") else []
     try:
@@ -213,8 +233,12 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     except ValueError as e:
         raise UserError(str(e)) from e
     lr_schedule = build(cfg, "lr_schedule")(optimizer=optimizer, total_steps=cfg.epochs * steps_per_epoch)
-    if last_path.exists() and not cfg.resume and ctx.is_main:
-        shutil.rmtree(ckpt_dir)  # overwrite=true, and everything above was built: start the run over
+    if last_path.exists() and not cfg.resume and ctx.is_main:  # overwrite=true, and everything above was built
+        for stale in [*ckpt_dir.iterdir()]:  # start the run over (the lock file stays: it is held)
+            if stale.name != LOCK_FILE:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if ctx.is_main:
+        remove_stale_temps(ckpt_dir)
     distributed.barrier()
     tracker: Tracker = make_tracker(
         cfg.trackio.enabled and ctx.is_main,
@@ -263,16 +287,18 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         precision.name,
     )
 
-    def checkpoint(path: Path, metrics: dict[str, float]) -> None:
-        state = trainer.state_dict()  # under FSDP every rank takes part in gathering it
-        if ctx.is_main:
-            save_checkpoint({"format": FORMAT, **state, "rng": rng_state(), "config": resolved, "metrics": metrics,
-                             "sampling": sampling}, path)  # fmt: skip
-            for callback in callbacks:
-                callback.on_checkpoint(trainer, path)
-        distributed.barrier()
-
+    writer = CheckpointWriter(lambda: {"rng": rng_state(), "config": resolved, "sampling": sampling},
+                              ctx.is_main, list(callbacks))  # fmt: skip
     latest: dict[str, float] = {}
+    control = RunControl(lambda: writer.write(trainer, last_path, latest), float(cfg.checkpoint.every_minutes))
+    writer.on_write = control.saved
+    trainer.callbacks += [writer, control]
+
+    def checkpoint(path: Path, metrics: dict[str, float], final: bool = False) -> None:
+        writer.write(trainer, path, metrics, final)
+
+    if cfg.nan_policy == "rollback" and state is None:
+        checkpoint(last_path, {})  # step 0: what the first NaN rolls back to, once step 1's loss is finite
 
     def periodic_eval() -> None:
         eval_model = trainer.eval_module(cfg.eval_use_ema)  # rank 0's; None on the others
@@ -301,7 +327,27 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
 
     try:
         hook_steps = [n for n in (evaluator.every_steps, cfg.checkpoint.every_steps) if n]
-        trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end, on_step_end, math.gcd(*hook_steps))
+        with control:
+            while True:
+                try:
+                    trainer.fit(loader, cfg.epochs, cfg.max_steps, on_epoch_end, on_step_end, math.gcd(*hook_steps))
+                    break
+                except DataError as e:
+                    raise UserError(str(e)) from e
+                except NonFiniteLossError as e:
+                    writer.discard()
+                    if cfg.nan_policy != "rollback" or not last_path.exists():
+                        raise
+                    good = load_checkpoint(last_path, "last good checkpoint", builds=False)
+                    trainer.roll_back(good, e)
+                    set_rng_state(good["rng"])
+        checkpoint(last_path, latest, final=True)  # the trained weights are safe before the final evaluation
+        if control.received is not None:
+            raise RunInterrupted(
+                f"interrupted by {control.received} at step {trainer.step}: {last_path} holds it; resume with: "
+                f"python launcher.py run_name={run_name} resume=true",
+                control.received,
+            )
         eval_model = trainer.eval_module(cfg.eval_use_ema)
         metrics: dict[str, float] = {}
         if eval_model is not None:
@@ -318,13 +364,33 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         metrics["params"] = float(n_params)
         if device.type == "cuda":
             metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        checkpoint(last_path, metrics)
+        checkpoint(last_path, metrics, final=True)
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.step)
     except NonFiniteLossError as e:
+        writer.discard()
         kept = last_path if last_path.exists() else None
         _finish(ctx, cfg, run_name, f"failed: {e}", latest, kept, started, t0)
         tracker.finish()
         raise NonFiniteLossError(f"{e} (last good checkpoint: {kept or 'none yet'})") from None
+    except RunInterrupted as e:
+        _finish(ctx, cfg, run_name, f"interrupted at step {trainer.step} ({control.received})", latest, last_path,
+                started, t0)  # fmt: skip
+        tracker.finish()
+        raise e from None
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+        writer.discard()
+        kept = last_path if last_path.exists() else None
+        _finish(ctx, cfg, run_name, f"interrupted at step {trainer.step} (stopped at once)", latest, kept, started, t0)
+        tracker.finish()
+        raise RunInterrupted(
+            f"stopped at once at step {trainer.step} by a second Ctrl-C; "
+            + (
+                f"{kept} holds an earlier step; resume with: python launcher.py run_name={run_name} resume=true"
+                if kept
+                else "no checkpoint was written yet"
+            ),
+            "SIGINT",
+        ) from None
     except BaseException as e:
         _finish(
             ctx,
@@ -367,7 +433,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     precision: Precision = build(cfg, "precision")
     precision.check(device)
     precision.apply()
-    state = load_checkpoint(path, "eval_checkpoint")
+    state = load_checkpoint(path, "eval_checkpoint", trusted=list(cfg.trusted_targets))
     saved = state["config"]
     from_checkpoint = eval_config(cfg, state)
     eval_node = _against_checkpoint(cfg, saved, "eval") if from_checkpoint is None else from_checkpoint

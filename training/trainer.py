@@ -30,6 +30,7 @@ from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+NAN_POLICIES = ("stop", "skip", "rollback")
 LossFn = Callable[[nn.Module, dict[str, Tensor]], LossOutput]
 
 
@@ -66,6 +67,9 @@ class Trainer:
         grad_accum: int = 1,
         grad_clip: float | None = 1.0,
         nan_policy: str = "stop",
+        max_consecutive_skips: int = 20,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
         log_every: int = 50,
         compile: bool = False,
         compile_mode: str = "default",
@@ -73,10 +77,18 @@ class Trainer:
         devices: int = 1,
         callbacks: list[Callback] | None = None,
     ):
-        if nan_policy not in ("stop", "skip"):
-            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
-        if grad_accum < 1:
-            raise ValueError(f"trainer.grad_accum must be >= 1, got {grad_accum}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        for name, value, low in (("grad_accum", grad_accum, 1), ("log_every", log_every, 1),
+                                 ("max_consecutive_skips", max_consecutive_skips, 1)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"trainer.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(rollback_lr_factor, (int, float)) or not 0 < rollback_lr_factor <= 1:
+            raise ValueError(f"trainer.rollback_lr_factor must be in (0, 1], got {rollback_lr_factor!r}")
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"trainer.max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+        if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}")
         world = distributed.world_size()
         if devices > 1 and devices != world:
             raise ValueError(
@@ -107,11 +119,18 @@ class Trainer:
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.nan_policy = nan_policy
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive_skips = 0
+        self.max_rollbacks = max_rollbacks
+        self.rollback_lr_factor = rollback_lr_factor
+        self.rollbacks = 0
         self.log_every = log_every
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped_batches = 0
+        self.checked_step = 0  # the last step whose loss was read back and found finite
+        self._unread: list[LossOutput] = []  # step losses and metrics not yet read back from the device
         self.losses: list[float] = []  # one per optimizer step run in this process
         self.train_seconds = 0.0
         self.train_steps = 0
@@ -137,6 +156,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_batches": self.skipped_batches,
+            "rollbacks": self.rollbacks,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
@@ -152,6 +172,37 @@ class Trainer:
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_batches = state["skipped_batches"]
+        self.rollbacks = state.get("rollbacks", 0)  # written before rollbacks: none happened
+
+    def roll_back(self, state: dict[str, Any], error: NonFiniteLossError) -> None:
+        """``nan_policy=rollback``: continue from ``state`` (the last good checkpoint) with the learning
+        rate lowered by ``rollback_lr_factor``; after ``max_rollbacks`` the NaN ends the run."""
+        if self.rollbacks >= self.max_rollbacks:
+            raise NonFiniteLossError(
+                f"{str(error).split(';')[0]} again after {self.rollbacks} rollback(s) (trainer.max_rollbacks="
+                f"{self.max_rollbacks}, each lowering the learning rate by {self.rollback_lr_factor}); the last good "
+                "checkpoint is kept: lower optimizer.lr or check the data"
+            ) from None
+        rollbacks = self.rollbacks + 1
+        self.load_state_dict(state)
+        self.rollbacks = rollbacks
+        factor = self.rollback_lr_factor ** (rollbacks - state.get("rollbacks", 0))  # the state's own are in it
+        self.lr_schedule.base_lrs = [lr * factor for lr in self.lr_schedule.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        self._unread.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("%s: rolled back to step %d, learning rate x%g (rollback %d of %d)",
+                    str(error).split(";")[0], self.step, factor, rollbacks, self.max_rollbacks)  # fmt: skip
+
+    def known_finite_step(self) -> int:
+        """The last step whose loss is known to be finite, reading the unread losses back (a device sync):
+        a checkpoint at step S is good once this passes S."""
+        if self._unread and bool(torch.isfinite(torch.stack([o.loss for o in self._unread])).all()):
+            return self.step
+        return self.checked_step
 
     def eval_module(self, use_ema: bool) -> nn.Module | None:
         """The unwrapped module to evaluate (EMA or raw weights) on rank 0, None on other ranks.
@@ -179,8 +230,17 @@ class Trainer:
             # the skip decision is shared: a rank that skipped its backward would hang the others
             if self.nan_policy == "skip" and not torch.isfinite(distributed.mean_across_ranks(out.loss)):
                 self.skipped_batches += 1
+                self.consecutive_skips += 1
+                if self.consecutive_skips >= self.max_consecutive_skips:
+                    raise NonFiniteLossError(
+                        f"the loss was non-finite for {self.consecutive_skips} batches in a row at step "
+                        f"{self.step + 1} (nan_policy=skip, trainer.max_consecutive_skips="
+                        f"{self.max_consecutive_skips}): the weights are no longer usable; lower the learning rate "
+                        "or use nan_policy=rollback"
+                    )
                 log.warning("loss is %s at step %d: batch skipped (nan_policy=skip)", out.loss.item(), self.step + 1)
                 return None
+            self.consecutive_skips = 0
             loss = out.loss if self.grad_accum == 1 else out.loss / self.grad_accum
             self.scaler.scale(loss).backward()
         return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()})
@@ -238,12 +298,14 @@ class Trainer:
                 terms = f"; non-finite terms: {', '.join(bad)}" if bad else ""
                 raise NonFiniteLossError(
                     f"loss is {value} at step {first + i} (epoch {self.epoch}{terms}); training stopped and the "
-                    "last good checkpoint kept: lower the learning rate, check the data, or set nan_policy=skip"
+                    "last good checkpoint kept: lower the learning rate, check the data, or set "
+                    "nan_policy=rollback (or skip)"
                 )
         keys = pending[0].metrics.keys()
         means = {k: distributed.mean_across_ranks(torch.stack([out.metrics[k] for out in pending]).mean()).item()
                  for k in keys}  # fmt: skip
         self.losses.extend(values)
+        self.checked_step = self.step
         pending.clear()
         return values, means
 
@@ -274,7 +336,7 @@ class Trainer:
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
         )
-        pending: list[LossOutput] = []  # step losses and metrics not yet read back from the device
+        pending = self._unread
         window_start, window_steps = time.perf_counter(), 0
         while self.epoch < epochs and self.step < total and self.stop_reason is None:
             loader.set_epoch(self.epoch)  # type: ignore[attr-defined]

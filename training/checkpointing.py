@@ -1,0 +1,78 @@
+"""The run's checkpoint writer: a checkpoint becomes ``last.pt`` (or its archive name) only once its
+own weights have produced a finite loss, so the file a NaN leaves behind is one training can go on
+from (``nan_policy=rollback`` reloads it).
+
+A checkpoint is first written under a pending name (``.last.pt.pending.tmp``, removed at start if a
+kill left it) and renamed into place after the next optimizer step's loss is known to be finite.
+The final checkpoint and one written on a stop signal have no next step: they go straight into
+place when every weight is finite.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import distributed
+from training.callbacks import Callback
+from training.checkpoint import FORMAT, fsync_dir, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def pending_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.pending.tmp")
+
+
+class CheckpointWriter(Callback):
+    def __init__(self, extra: Callable[[], dict[str, Any]], is_main: bool, callbacks: list[Callback]):
+        self.extra = extra  # the rest of the file: RNG state, config, sampling record
+        self.is_main = is_main
+        self.callbacks = callbacks  # told after every write (adapters write their files beside it)
+        self.pending: dict[Path, tuple[Path, int]] = {}  # pending file -> (its final path, its step)
+        self.on_write: Callable[[], None] = lambda: None
+
+    def write(self, trainer: Any, path: Path, metrics: dict[str, float], final: bool = False) -> None:
+        """Checkpoint the trainer at ``path`` (a collective under FSDP: every rank calls it)."""
+        state = trainer.state_dict()
+        if self.is_main:
+            # the gathered state, not the live parameters: under FSDP those are shards, checked by a collective
+            finite = final and all(
+                bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point()
+            )
+            target = path if finite else pending_name(path)
+            save_checkpoint({"format": FORMAT, **state, **self.extra(), "metrics": metrics}, target)
+            if finite:  # the loop ended with every loss checked: what is pending is good, this step too
+                self.pending.pop(pending_name(path), None)
+                pending_name(path).unlink(missing_ok=True)
+                self.promote(trainer.step + 1)
+            else:
+                self.pending[target] = (path, trainer.step)
+            for callback in self.callbacks:
+                callback.on_checkpoint(trainer, path)
+        self.on_write()
+        distributed.barrier()
+
+    def on_step_end(self, trainer: Any) -> dict[str, float]:
+        if self.pending and trainer.known_finite_step() > min(step for _, step in self.pending.values()):
+            self.promote(trainer.known_finite_step())
+        return {}
+
+    def promote(self, good_through: int) -> None:
+        for tmp, (final, step) in list(self.pending.items()):
+            if good_through > step:
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                del self.pending[tmp]
+                log.debug("checkpoint of step %d is good: %s", step, final)
+
+    def discard(self) -> None:
+        """A NaN came first: the pending checkpoints hold weights that produced it."""
+        for tmp in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending.clear()
