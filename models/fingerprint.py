@@ -27,10 +27,11 @@ def weights_fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
 
 
 def tensor_digest(tree: object) -> str:
-    """blake2b over every leaf of a nested dict/list of tensors and plain values, bytes included:
+    """sha256 (hardware-accelerated on current CPUs) over every leaf of a nested dict/list of tensors
+    and plain values, bytes included:
     the integrity digest of a checkpoint or a weights file, so a flipped byte is found on load
     (torch's zip reader and safetensors check no checksum of the data)."""
-    digest = hashlib.blake2b(digest_size=32)
+    digest = hashlib.sha256()
     _update(digest, tree, "")
     return digest.hexdigest()
 

@@ -62,9 +62,9 @@ def test_checkpoints_and_evaluation_every_n_steps_mid_epoch(make_cfg, monkeypatc
     saved = []
     original = checkpointing.save_checkpoint
 
-    def record(state, path):
+    def record(state, path, shown=None):
         saved.append((state["step"], state["batch_in_epoch"]))
-        original(state, path)
+        original(state, path, shown)
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", record)
     train(make_cfg("epochs=1", "max_steps=5", "checkpoint.every_steps=3", "run_name=mid", "eval.every_steps=0"))

@@ -296,3 +296,15 @@ def test_an_image_folder_too_small_to_hold_one_out_is_one_line(make_cfg, tmp_pat
     ):
         train(make_cfg("model=unet", "dataloaders=folder", f"dataloaders.root={root}", "debug=smoke"))
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_the_chaos_script_loses_nothing(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/chaos.py", "--stops", "4", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip("| ").split(" | ", 1) for line in done.stdout.splitlines() if line.startswith("| ")]
+    table = {k.strip(): v.strip(" |") for k, v in rows}
+    assert table["checkpoints unloadable"] == "0"
+    assert table["final weights equal to the uninterrupted run"] == "yes"
+    assert "is corrupted" in table["corrupted last.pt on resume"]

@@ -42,12 +42,13 @@ REQUIRED_KEYS = (
 TMP_GLOB = ".*.tmp"  # what save_checkpoint writes before its rename
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+def save_checkpoint(state: dict[str, Any], path: Path, shown: Path | None = None) -> None:
     """Write ``state`` plus its digest to a temp file in the same folder, fsync it, rename it over
     ``path`` and fsync the folder, so the rename itself survives a power cut.
 
     A crash or a full disk mid-write leaves the previous file at ``path`` untouched; a failed write
-    is one ``UserError`` naming the folder and its free space.
+    is one ``UserError`` naming the folder and its free space (and ``shown``, the name the file will
+    have, rather than a pending one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -63,7 +64,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         free = shutil.disk_usage(path.parent).free / 2**20
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
-            f"could not write checkpoint {path} ({reason}); {free:.0f} MiB free in {path.parent}: "
+            f"could not write checkpoint {shown or path} ({reason}); {free:.0f} MiB free in {path.parent}: "
             "free some space (the previous checkpoint there is intact) and resume"
         ) from None
     finally:

@@ -46,7 +46,7 @@ class CheckpointWriter(Callback):
                 bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point()
             )
             target = path if finite else pending_name(path)
-            save_checkpoint({"format": FORMAT, **state, **self.extra(), "metrics": metrics}, target)
+            save_checkpoint({"format": FORMAT, **state, **self.extra(), "metrics": metrics}, target, shown=path)
             if finite:  # the loop ended with every loss checked: what is pending is good, this step too
                 self.pending.pop(pending_name(path), None)
                 pending_name(path).unlink(missing_ok=True)
@@ -57,6 +57,18 @@ class CheckpointWriter(Callback):
                 callback.on_checkpoint(trainer, path)
         self.on_write()
         distributed.barrier()
+
+    def settle(self, trainer: Any, path: Path, metrics: dict[str, float]) -> None:
+        """Put the trained weights in place at ``path`` before anything else can fail: the checkpoint
+        pending at this very step (an epoch's end usually wrote one) is renamed into place if every
+        weight is finite, which costs no second save; otherwise a final checkpoint is written."""
+        if not distributed.is_sharded(trainer.model):  # the live weights are whole: check them here
+            pending = self.pending.get(pending_name(path))
+            finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+            if pending is not None and pending[1] == trainer.step and finite and distributed.world_size() == 1:
+                self.promote(trainer.step + 1)
+                return
+        self.write(trainer, path, metrics, final=True)
 
     def on_step_end(self, trainer: Any) -> dict[str, float]:
         if self.pending and trainer.known_finite_step() > min(step for _, step in self.pending.values()):

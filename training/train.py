@@ -341,7 +341,7 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
                     good = load_checkpoint(last_path, "last good checkpoint", builds=False)
                     trainer.roll_back(good, e)
                     set_rng_state(good["rng"])
-        checkpoint(last_path, latest, final=True)  # the trained weights are safe before the final evaluation
+        writer.settle(trainer, last_path, latest)  # the trained weights are safe before the final evaluation
         if control.received is not None:
             raise RunInterrupted(
                 f"interrupted by {control.received} at step {trainer.step}: {last_path} holds it; resume with: "
