@@ -47,9 +47,9 @@ def accuracy(judge: LogisticRegression, model: torch.nn.Module, solver, nfe: int
 
 @pytest.mark.parametrize(
     "loss, nfe, epochs",
-    [(["loss=fm", "solver=euler"], 10, 4),
-     (["loss=meanflow", "solver=meanflow"], 2, 4),
-     (["loss=diffusion", "solver=diffusion"], 25, 4)],
+    [(["loss=fm", "solver=euler"], 10, 4),  # the other two families in the slow tier (-m slow), for suite time
+     pytest.param(["loss=meanflow", "solver=meanflow"], 2, 4, marks=pytest.mark.slow),
+     pytest.param(["loss=diffusion", "solver=diffusion"], 25, 4, marks=pytest.mark.slow)],
     ids=["fm", "meanflow", "diffusion"],
 )  # fmt: skip
 def test_guidance_makes_samples_more_recognisable_as_their_class(make_cfg, judge, loss, nfe, epochs):
