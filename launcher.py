@@ -62,8 +62,8 @@ def translate_flags(argv: list[str]) -> list[str]:
 def check_run_name(argv: list[str]) -> str | None:
     """A ``run_name`` that is not a plain folder name, before Hydra makes its run folder from it."""
     for arg in argv:
-        if arg.startswith("run_name="):
-            for name in arg.removeprefix("run_name=").split(","):  # a sweep over names: each one
+        if arg.lstrip("+").startswith("run_name=") and "(" not in arg:  # choice(...), range(...): Hydra's
+            for name in arg.lstrip("+").removeprefix("run_name=").split(","):  # a sweep over names: each one
                 if problem := run_name_problem(name):
                     return problem
     return None

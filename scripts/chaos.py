@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             _, err = proc.communicate()
             message = last_error(err)
             corrupted = f"exit {proc.returncode}: {message}"
-            good = message.rsplit("the last checkpoint that verifies is ", 1)[-1]
+            good = message.rsplit("the last checkpoint that verifies is ", 1)[-1].split(" (copy it over")[0]
             if "is corrupted" not in message or not Path(good).is_file():
                 log.error("the corrupted last.pt was not refused as it should be: %s", message)
                 return 1

@@ -109,7 +109,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_matches_an_uni
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(make_cfg, tmp_path):
-    message = r"^stopped at once at step 11 by a second Ctrl-C; .*last.pt holds an earlier step; resume with: "
+    message = (
+        r"^stopped at once at step 11 by a second Ctrl-C; .*last.pt holds the last checkpoint written; resume with: "
+    )
     with pytest.raises(RunInterrupted, match=message + "python launcher.py run_name=test"):
         train(make_cfg("epochs=3", *SIGNAL_AT, "+adapter.signals=[SIGINT,SIGINT]"))
     assert load_checkpoint(last(tmp_path), builds=False)["step"] == 8  # the epoch-1 checkpoint; step 11 was not written

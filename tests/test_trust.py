@@ -45,6 +45,14 @@ def crafted(state: dict, case: str, marker: Path) -> dict:
         config["model"] = {**payload(marker), "_target_": "models.mlp.torch.save", "obj": 1, "f": str(marker)}
     elif case == "interpolation":
         config["model"]["hidden"] = "${oc.env:HOME}"
+    elif case == "pipe":  # an allowed data class planted in the model, its shards a shell command
+        config["model"]["act"] = {"_target_": "dataloaders.webdataset.WebDatasetData", "urls": f"pipe:touch {marker}",
+                                  "tokenizer": None}  # fmt: skip
+    elif case == "pipe-data":  # the same where a data set belongs
+        config["dataloaders"] = {"_target_": "dataloaders.webdataset.WebDatasetData", "urls": f"pipe:touch {marker}",
+                                 "tokenizer": {"_target_": "models.glide_tokenizer.GlideTokenizer"}}  # fmt: skip
+    elif case == "run_name":  # not built, but resolved against when eval= is chosen
+        config["run_name"] = "${oc.env:HOME}"
     elif case == "sdxl":  # passes extract_lora's top-level check; the payload sits one level down
         config["model"] = {"_target_": "adapters.sdxl.SDXLLoRA", "pretrained": payload(marker)}
     return state
@@ -56,7 +64,7 @@ def genuine(make_cfg) -> Path:
     return objects["checkpoint"]
 
 
-CASES = ["model", "nested", "data", "eval", "sampler", "attribute", "interpolation"]
+CASES = ["model", "nested", "data", "eval", "sampler", "attribute", "interpolation", "pipe", "pipe-data", "run_name"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -124,7 +132,7 @@ def test_a_corrupted_checkpoint_never_scores_and_names_the_last_good_one(genuine
         train(make_cfg(f"eval_checkpoint={genuine}", "run_name=ev", f"paths.run_dir={tmp_path}/ev"))
     assert str(e.value) == (
         f"eval_checkpoint {genuine} is corrupted: its contents do not match the digest written with it; "
-        f"the last checkpoint that verifies is {archive}"
+        f"the last checkpoint that verifies is {archive} (copy it over last.pt to go on from it)"
     )
     assert not (tmp_path / "ev" / "metrics.json").exists()
     load_checkpoint(archive)  # and that one really does

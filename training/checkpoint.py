@@ -163,7 +163,9 @@ def check_state(
     elif state["digest"] != tensor_digest(_digested(state)):
         good = last_verified(Path(path))
         fallback = (
-            f"the last checkpoint that verifies is {good}" if good else "no other checkpoint of this run verifies"
+            f"the last checkpoint that verifies is {good} (copy it over {Path(path).name} to go on from it)"
+            if good
+            else "no other checkpoint of this run verifies"
         )
         raise UserError(f"{what} {path} is corrupted: its contents do not match the digest written with it; {fallback}")
     config = state["config"]

@@ -21,6 +21,7 @@ import torch
 from training import distributed
 from training.callbacks import Callback
 from training.checkpoint import FORMAT, fsync_dir, save_checkpoint
+from training.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ class CheckpointWriter(Callback):
             finite = final and all(
                 bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point()
             )
+            if final and not finite:  # the last update made inf weights: keep the last good checkpoint
+                raise NonFiniteLossError(
+                    f"the weights after step {trainer.step} are not finite; training stopped and the last good "
+                    "checkpoint kept: lower the learning rate or set nan_policy=rollback"
+                )
             target = path if finite else pending_name(path)
             save_checkpoint({"format": FORMAT, **state, **self.extra(), "metrics": metrics}, target, shown=path)
             if finite:  # the loop ended with every loss checked: what is pending is good, this step too

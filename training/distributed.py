@@ -112,8 +112,9 @@ def relaunch_with_torchrun(argv: list[str], devices: int, device: str | None = N
     refuse_notebook(devices)
     check_devices(devices, default_device_type(device))
     proc = subprocess.Popen(torchrun_command(argv, devices))
-    # Ctrl-C reaches every process of the terminal's group (torchrun and its workers too): this one ignores
-    # it and waits; a SIGTERM sent to this process alone is passed on. The workers stop after their step.
+    # Ctrl-C reaches this process and torchrun (its workers run in sessions of their own; torchrun passes
+    # the signal on): this one ignores it and waits; a SIGTERM sent to it alone goes to torchrun. The workers
+    # stop after their step; torchrun kills them if that takes longer than its shutdown timeout (30 s).
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
         signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum)),

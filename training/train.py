@@ -161,8 +161,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ctx = distributed.setup(resolve_device(cfg.device))
     lock = RunLock(Path(cfg.paths.ckpt_dir), run_name)
     try:
+        refused = None
         if ctx.is_main:  # one writer per run: rank 0 writes every file of it
-            lock.acquire()
+            try:
+                lock.acquire()
+            except UserError as e:
+                refused = str(e)
+        if refused := distributed.broadcast_object(refused):  # every rank stops before touching the folder
+            raise UserError(refused)
         return _train(cfg, run_name, ctx)
     finally:
         lock.release()  # a refused run leaves no checkpoint folder behind
@@ -194,7 +200,8 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
                 f"resume=true but no checkpoint at {last_path}; "
                 "check run_name and model, or drop resume=true to start the run"
             )
-        remove_stale_temps(ckpt_dir)
+        if ctx.is_main:
+            remove_stale_temps(ckpt_dir)
         state = load_checkpoint(last_path, "resume checkpoint", builds=False)
         _check_resume(state, resolved, last_path)
     elif last_path.exists():
@@ -341,7 +348,8 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
                     good = load_checkpoint(last_path, "last good checkpoint", builds=False)
                     trainer.roll_back(good, e)
                     set_rng_state(good["rng"])
-        writer.settle(trainer, last_path, latest)  # the trained weights are safe before the final evaluation
+                    distributed.seed_rank(cfg.seed, ctx.rank, trainer.step)  # rank 0's stream was restored
+            writer.settle(trainer, last_path, latest)  # the trained weights are safe before the final evaluation
         if control.received is not None:
             raise RunInterrupted(
                 f"interrupted by {control.received} at step {trainer.step}: {last_path} holds it; resume with: "
@@ -382,10 +390,12 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
         kept = last_path if last_path.exists() else None
         _finish(ctx, cfg, run_name, f"interrupted at step {trainer.step} (stopped at once)", latest, kept, started, t0)
         tracker.finish()
+        how = "a second Ctrl-C" if control.received else "Ctrl-C outside a training step"
         raise RunInterrupted(
-            f"stopped at once at step {trainer.step} by a second Ctrl-C; "
+            f"stopped at once at step {trainer.step} by {how}; "
             + (
-                f"{kept} holds an earlier step; resume with: python launcher.py run_name={run_name} resume=true"
+                f"{kept} holds the last checkpoint written; resume with: python launcher.py run_name={run_name} "
+                "resume=true"
                 if kept
                 else "no checkpoint was written yet"
             ),
@@ -484,7 +494,9 @@ def sampling_record(resolved: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
 def _against_checkpoint(cfg: DictConfig, saved: dict[str, Any], group: str) -> DictConfig:
     """The command line's ``group`` node resolved against the checkpoint's config (its data set, its
     model) and this run's paths, not against the launcher's defaults."""
-    node = OmegaConf.create({**saved, "paths": OmegaConf.to_container(cfg.paths, resolve=True)})
+    stored = {k: v for k, v in saved.items() if k not in ("overrides", "run_name")}  # this run's name, not the file's
+    node = OmegaConf.create({**stored, "run_name": str(cfg.run_name),
+                             "paths": OmegaConf.to_container(cfg.paths, resolve=True)})  # fmt: skip
     node[group] = OmegaConf.to_container(cfg[group], resolve=False)
     try:
         resolved = OmegaConf.to_container(node[group], resolve=True)

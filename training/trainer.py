@@ -10,6 +10,7 @@ import copy
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -173,13 +174,18 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_batches = state["skipped_batches"]
         self.rollbacks = state.get("rollbacks", 0)  # written before rollbacks: none happened
+        self.checked_step = self.step  # what is known finite is this state's own past
 
     def roll_back(self, state: dict[str, Any], error: NonFiniteLossError) -> None:
         """``nan_policy=rollback``: continue from ``state`` (the last good checkpoint) with the learning
         rate lowered by ``rollback_lr_factor``; after ``max_rollbacks`` the NaN ends the run."""
+        match = re.match(r"loss is \S+ at step \d+ \(epoch \d+", str(error))  # without the advice that follows
+        if self.max_rollbacks == 0 or match is None:
+            raise error
+        head = f"{match[0]})"
         if self.rollbacks >= self.max_rollbacks:
             raise NonFiniteLossError(
-                f"{str(error).split(';')[0]} again after {self.rollbacks} rollback(s) (trainer.max_rollbacks="
+                f"{head} again after {self.rollbacks} rollback(s) (trainer.max_rollbacks="
                 f"{self.max_rollbacks}, each lowering the learning rate by {self.rollback_lr_factor}); the last good "
                 "checkpoint is kept: lower optimizer.lr or check the data"
             ) from None
@@ -195,7 +201,7 @@ class Trainer:
         self._unread.clear()
         self.optimizer.zero_grad(set_to_none=True)
         log.warning("%s: rolled back to step %d, learning rate x%g (rollback %d of %d)",
-                    str(error).split(";")[0], self.step, factor, rollbacks, self.max_rollbacks)  # fmt: skip
+                    head, self.step, factor, rollbacks, self.max_rollbacks)  # fmt: skip
 
     def known_finite_step(self) -> int:
         """The last step whose loss is known to be finite, reading the unread losses back (a device sync):
