@@ -27,10 +27,13 @@ class _NaNAfterMixin(Loss):
         self.after = after
         self.calls = 0
 
+    def bad(self) -> bool:
+        return self.calls > self.after
+
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         out = super().__call__(model, batch)
         self.calls += 1
-        if self.calls <= self.after:
+        if not self.bad():
             return out
         nan = torch.tensor(float("nan"))
         metrics = {k: v * nan if k == self.term else v for k, v in out.metrics.items()}
@@ -47,20 +50,14 @@ class MeanFlowNaNAfter(_NaNAfterMixin, MeanFlowLoss):
     term = "meanflow/dudt_norm"
 
 
-class NaNOnce(FlowMatchingLoss):
+class NaNOnce(_NaNAfterMixin, FlowMatchingLoss):
     """Flow matching whose loss is NaN at call ``at`` only: one bad batch, as a rollback recovers from."""
 
     def __init__(self, at: int, **kwargs):
-        super().__init__(**kwargs)
-        self.at = at
-        self.calls = 0
+        super().__init__(after=at - 1, **kwargs)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-        out = super().__call__(model, batch)
-        self.calls += 1
-        if self.calls != self.at:
-            return out
-        return LossOutput(out.loss * torch.tensor(float("nan")), out.metrics)
+    def bad(self) -> bool:
+        return self.calls == self.after + 1
 
 
 class SignalAt(Callback):

@@ -200,8 +200,6 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
                 f"resume=true but no checkpoint at {last_path}; "
                 "check run_name and model, or drop resume=true to start the run"
             )
-        if ctx.is_main:
-            remove_stale_temps(ckpt_dir)
         state = load_checkpoint(last_path, "resume checkpoint", builds=False)
         _check_resume(state, resolved, last_path)
     elif last_path.exists():

@@ -22,17 +22,23 @@ from omegaconf import OmegaConf
 from training.config_tree import CONFIG_DIR
 from training.errors import UserError
 
-BUILT_FROM_FILE = ("model", "dataloaders", "eval", "solver", "loss")  # the sections a loader may instantiate
 LEAF_TYPES = (str, int, float, bool, type(None))
+
+
+@functools.cache
+def _config_targets(config_dir: Path = CONFIG_DIR) -> tuple[tuple[str, str, str], ...]:
+    """(the file's folder, where in the file, target) for every ``_target_`` of every YAML under ``config_dir``."""
+    return tuple(
+        (path.parent.name, where, str(target))
+        for path in sorted(config_dir.rglob("*.yaml"))
+        for where, target in _targets(yaml.safe_load(path.read_text()))
+    )
 
 
 @functools.cache
 def allowed_targets(config_dir: Path = CONFIG_DIR) -> frozenset[str]:
     """Every ``_target_`` named by a YAML file under ``config_dir``, at any depth."""
-    targets: set[str] = set()
-    for path in config_dir.rglob("*.yaml"):
-        targets.update(str(t) for _, t in _targets(yaml.safe_load(path.read_text())))
-    return frozenset(targets)
+    return frozenset(target for _, _, target in _config_targets(config_dir))
 
 
 @functools.cache
@@ -42,11 +48,9 @@ def allowed_places(config_dir: Path = CONFIG_DIR) -> dict[str, frozenset[str]]:
     ``model:`` node ``model``): a data set's class cannot be planted inside a model node. Targets the
     files use only inside another node (a coupling, a sampler function) are not listed."""
     places: dict[str, set[str]] = {}
-    for path in config_dir.rglob("*.yaml"):
-        own = path.parent.name
-        for where, target in _targets(yaml.safe_load(path.read_text())):
-            if where == "_target_" or "." not in where:
-                places.setdefault(str(target), set()).add(own if where == "_target_" else where)
+    for folder, where, target in _config_targets(config_dir):
+        if where == "_target_" or "." not in where:
+            places.setdefault(target, set()).add(folder if where == "_target_" else where)
     return {t: frozenset(keys) for t, keys in places.items()}
 
 
@@ -62,28 +66,16 @@ def _targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
             yield from _targets(value, f"{where}[{i}]")
 
 
-def _strings(node: Any, where: str) -> Iterator[tuple[str, str]]:
+def _leaves(node: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) for every value below ``node`` that is not a dict or a list."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _strings(value, f"{where}.{key}")
+            yield from _leaves(value, f"{where}.{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _strings(value, f"{where}[{i}]")
-    elif isinstance(node, str):
+            yield from _leaves(value, f"{where}[{i}]")
+    else:
         yield where, node
-
-
-def _interpolations(node: Any, where: str) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _interpolations(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _interpolations(value, f"{where}[{i}]")
-    elif isinstance(node, str) and "${" in node:
-        yield where
-    elif not isinstance(node, LEAF_TYPES):
-        yield f"{where} (a {type(node).__name__})"
 
 
 def unsafe_reason(
@@ -103,19 +95,16 @@ def unsafe_reason(
             if target in places and key not in places[target]:
                 at = "/".join(sorted(places[target]))
                 return f"its {root}.{where} names _target_ {target!r}, which configs/ builds only as a {at} node"
-    for where, value in _strings(config, "config"):
-        if where != "config.overrides" and not where.startswith("config.overrides["):
-            if "${" in value:
+    for root, node in nodes.items():
+        for where, value in _leaves(node, root):
+            if where == "config.overrides" or where.startswith("config.overrides["):
+                continue  # the command line as typed: kept for the record, never resolved or built
+            if not isinstance(value, LEAF_TYPES):
+                return f"its {where} is not a plain value (a {type(value).__name__}); a saved config holds plain values"
+            if isinstance(value, str) and "${" in value:
                 return f"its {where} holds an interpolation ({value!r}); a saved config holds resolved values"
-            if value.lstrip().startswith("pipe:"):
+            if isinstance(value, str) and value.lstrip().startswith("pipe:"):
                 return f"its {where} is a shell command ({value!r}); data read from a file may not run commands"
-    built: dict[str, Any] = {f"config.{s}": config.get(s) for s in BUILT_FROM_FILE}
-    built["sampling.solver"] = (sampling or {}).get("solver")
-    for where, value in built.items():
-        for bad in _interpolations(value, where):
-            return (
-                f"its {bad} is not a plain value (an interpolation or an object); a saved config holds resolved values"
-            )
     return None
 
 
