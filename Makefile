@@ -26,7 +26,7 @@ test-all: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy models losses solvers dataloaders evaluation training adapters launcher.py scripts hydra_plugins
+	$(VENV)/bin/mypy paths models losses solvers dataloaders evaluation training adapters launcher.py scripts hydra_plugins
 
 bench: install
 	$(PY) -m pip install -e '.[bench]'

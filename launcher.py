@@ -31,8 +31,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from training.distributed import needs_relaunch, relaunch_with_torchrun
 from training.errors import RunInterrupted, UserError
+from training.outputs import metrics_table, run_name_problem
 from training.sweep_summary import job_run_name, maximizes, record_failure
-from training.train import metrics_table, run_name_problem, train
+from training.train import train
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRIMARY_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.open_clip_loader import embedding_dim, load_open_clip
-from evaluation.clip_score import CLIPImageTransform
+from adapters.open_clip_loader import CLIPImageTransform, embedding_dim, load_open_clip
 
 
 class FrozenClip(nn.Module):

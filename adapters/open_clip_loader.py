@@ -1,5 +1,5 @@
-"""Loading open_clip models by name and weights, shared by the CLIP adapter, its embedding cache and
-the CLIP score.
+"""Loading open_clip models by name and weights, and their image preprocessing on tensors, shared by
+the CLIP adapter, its embedding cache and the CLIP score.
 
 ``pretrained`` is an open_clip tag (from the Hugging Face hub when online, its cache offline) or a
 local weights file; there is no silent fallback to random weights. The embedding width is read
@@ -12,11 +12,16 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias, cast
 
 import open_clip
 import torch
+import torchvision.transforms.functional as TF
+from open_clip.transform import PreprocessCfg
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +29,15 @@ ClipModel: TypeAlias = "open_clip.CLIP | open_clip.CustomTextCLIP"
 
 
 class ClipModelError(ValueError):
-    """A CLIP model that cannot be built: an unknown name."""
+    """A CLIP model that cannot be built: an unknown name, or image preprocessing we do not reproduce."""
 
 
 class ClipWeightsNotFoundError(ClipModelError):
     """The weights asked for are neither a local file nor obtainable from the hub (or its cache)."""
+
+
+class ClipInputError(ValueError):
+    """Images a CLIP model cannot take (wrong shape)."""
 
 
 def check_model_name(model_name: str) -> None:
@@ -105,3 +114,45 @@ def _fetch_tag(model_name: str, pretrained: str, tag: dict[str, Any], cache_dir:
             "downloaded (offline?): pass a local weights file (pretrained=/path/to/open_clip_pytorch_model.bin) "
             "or run once online, with HF_HUB_OFFLINE unset, so the hub cache fills"
         ) from err
+
+
+@dataclass(frozen=True)
+class CLIPImageTransform:
+    """open_clip's inference preprocessing on (N, C, H, W) tensors in [0, 1]: resize (shortest side
+    to the target, then center crop; or ``squash`` to the target), clamp, normalise.
+
+    Working on tensors keeps generated images on the device, without a PIL round trip.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ClipModelError(f"CLIP preprocessing resize_mode {self.resize_mode!r} is not supported")
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CLIPImageTransform:
+        """The config open_clip attached to ``model.visual`` (open_clip's defaults where missing)."""
+        cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+        size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)
+        return cls((int(size[0]), int(size[1])), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation, cfg.resize_mode)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ClipInputError(f"expected images as (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
+        images = images.float().expand(-1, 3, -1, -1)  # grayscale -> RGB, as PIL's convert("RGB")
+        (h, w), (th, tw) = images.shape[-2:], self.size
+        if self.resize_mode == "squash":
+            resized = [th, tw]
+        elif th / h >= tw / w:  # height is the shortest side relative to the target: fit it exactly
+            resized = [th, max(tw, int(w * th / h))]  # int() rounds down, as torchvision's Resize(size)
+        else:
+            resized = [max(th, int(h * tw / w)), tw]
+        mode = InterpolationMode(self.interpolation)
+        images = TF.resize(images, resized, interpolation=mode, antialias=True)
+        images = TF.center_crop(images, [th, tw]).clamp(0, 1)  # bicubic overshoots; PIL clips to uint8
+        return TF.normalize(images, list(self.mean), list(self.std))

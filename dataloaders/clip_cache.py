@@ -14,7 +14,8 @@ Formats (every file written to a temp file and renamed, so an interrupted run ne
 
 A text embedding is of the caption file's first line (the caption evaluation uses): a file with
 several lines still trains on a random line's tokens, with the first line's CLIP embedding.
-``scripts/precompute_clip.py`` builds a cache, ``scripts/validate_clip_cache.py`` checks one.
+``scripts/precompute_clip.py`` builds a cache (``clip_cache_writer``) and, with ``--validate``, checks one
+(``clip_cache_check``).
 """
 
 from __future__ import annotations

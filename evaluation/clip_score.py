@@ -5,28 +5,26 @@ open_clip model, averaged over pairs; higher is better. This is CLIP-S with the 
 text-to-image papers and torchmetrics report (torchmetrics clamps the mean rather than each pair,
 the same whenever no cosine is negative, as for real CLIP models). Embeddings are compared in
 float32. Images are resized, cropped and normalised on tensors with the model's own preprocessing
-config, which matches open_clip's PIL pipeline up to resampling differences.
+config (``adapters.open_clip_loader.CLIPImageTransform``), which matches open_clip's PIL pipeline up
+to resampling differences.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from open_clip.transform import PreprocessCfg
 from PIL import Image
-from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
+from torch import Tensor
 
-from adapters.open_clip_loader import ClipModelError, ClipWeightsNotFoundError, load_open_clip
+from adapters.open_clip_loader import CLIPImageTransform, ClipModelError, ClipWeightsNotFoundError, load_open_clip
 from evaluation.errors import EvaluationError
-from evaluation.sample_folder import SAMPLE
+from evaluation.sample_folder_writer import SAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +48,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise CLIPScoreError(f"prompt file {path} holds no prompts (blank lines and '#' comments are skipped)")
     return prompts
-
-
-@dataclass(frozen=True)
-class CLIPImageTransform:
-    """open_clip's inference preprocessing on (N, C, H, W) tensors in [0, 1]: resize (shortest side
-    to the target, then center crop; or ``squash`` to the target), clamp, normalise.
-
-    Working on tensors keeps generated images on the device, without a PIL round trip.
-    """
-
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-
-    def __post_init__(self) -> None:
-        if self.resize_mode not in ("shortest", "squash"):
-            raise CLIPScoreError(f"CLIP preprocessing resize_mode {self.resize_mode!r} is not supported")
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> CLIPImageTransform:
-        """The config open_clip attached to ``model.visual`` (open_clip's defaults where missing)."""
-        cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
-        size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)
-        return cls((int(size[0]), int(size[1])), tuple(cfg.mean), tuple(cfg.std), cfg.interpolation, cfg.resize_mode)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise CLIPScoreError(f"expected images as (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
-        images = images.float().expand(-1, 3, -1, -1)  # grayscale -> RGB, as PIL's convert("RGB")
-        (h, w), (th, tw) = images.shape[-2:], self.size
-        if self.resize_mode == "squash":
-            resized = [th, tw]
-        elif th / h >= tw / w:  # height is the shortest side relative to the target: fit it exactly
-            resized = [th, max(tw, int(w * th / h))]  # int() rounds down, as torchvision's Resize(size)
-        else:
-            resized = [max(th, int(h * tw / w)), tw]
-        mode = InterpolationMode(self.interpolation)
-        images = TF.resize(images, resized, interpolation=mode, antialias=True)
-        images = TF.center_crop(images, [th, tw]).clamp(0, 1)  # bicubic overshoots; PIL clips to uint8
-        return TF.normalize(images, list(self.mean), list(self.std))
 
 
 def clip_score(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
@@ -138,6 +94,8 @@ class CLIPScore:
         ``prompts[i]``; repeated prompts are embedded once."""
         if len(images) != len(prompts):
             raise CLIPScoreError(f"{len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise CLIPScoreError(f"expected images as (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
         unique = list(dict.fromkeys(prompts))
         text = self.embed_texts(unique, batch_size)
         row = {p: i for i, p in enumerate(unique)}
@@ -199,8 +157,9 @@ def load_clip_scorer(
     """
     try:
         model = load_open_clip(model_name, pretrained, device, cache_dir)
+        preprocess = CLIPImageTransform.from_model(model)
     except ClipWeightsNotFoundError as err:
         raise CLIPWeightsNotFoundError(str(err)) from err
     except ClipModelError as err:
         raise CLIPScoreError(str(err)) from err
-    return CLIPScore(model, CLIPImageTransform.from_model(model), open_clip.get_tokenizer(model_name), device)
+    return CLIPScore(model, preprocess, open_clip.get_tokenizer(model_name), device)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from losses.base import LossOutput
 from losses.diffusion import DiffusionLoss
-from solvers.diffusion_schedule import mean_flat, normal_kl
+from paths.diffusion_schedule import mean_flat, normal_kl
 
 
 def without_clip(cond: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from losses.base import Loss, LossOutput
 from models.conditioning import Cond, check_dropout, drop_condition
 from models.contract import diffusion_time
-from solvers.diffusion_schedule import DiffusionSchedule, betas_for, mean_flat
+from paths.diffusion_schedule import DiffusionSchedule, betas_for, mean_flat
 
 LOSS_TYPES = ("simple", "hybrid")
 

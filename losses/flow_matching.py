@@ -1,4 +1,4 @@
-"""Conditional flow matching on the linear path (Lipman et al. 2023; Liu et al. 2023)."""
+"""Conditional flow matching (Lipman et al. 2023; Liu et al. 2023) on a probability path from paths/."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from torch import Tensor, nn
 from losses.base import Loss, LossOutput
 from losses.coupling import Coupling, IndependentCoupling
 from models.conditioning import check_dropout, drop_condition
+from paths.affine import LinearPath, ProbabilityPath
+from paths.time import TimeSampler, UniformTimeSampler
 
 
 class FlowMatchingLoss(Loss):
-    """MSE between ``v(x_t, t)`` and the conditional velocity ``x_1 - x_0``.
+    """MSE between ``v(x_t, t)`` and the path's conditional velocity at ``x_t``.
 
-    Path: ``x_t = (1 - t) x_0 + t x_1 (+ sigma * eps)`` with noise x_0 ~ N(0, I) at t = 0 and
-    data x_1 at t = 1; t ~ U(0, 1). ``sigma > 0`` gives torchcfm's ConditionalFlowMatcher path.
+    Noise x_0 ~ N(0, I) is paired with data x_1 by the ``coupling``, t drawn by the ``time_sampler`` (default
+    U(0, 1)) and (x_t, target) by the ``path`` (default the straight line, target ``x_1 - x_0``).
     The model is called with r = t, so models built for MeanFlow's (t, r) work unchanged.
     ``cond_dropout``: the share of rows trained with the null condition, for guided sampling.
     """
@@ -23,21 +25,24 @@ class FlowMatchingLoss(Loss):
     trains = "velocity"
     model_outputs = ("field",)
 
-    def __init__(self, coupling: Coupling | None = None, sigma: float = 0.0, cond_dropout: float = 0.1):
+    def __init__(
+        self,
+        coupling: Coupling | None = None,
+        path: ProbabilityPath | None = None,
+        time_sampler: TimeSampler | None = None,
+        cond_dropout: float = 0.1,
+    ):
         check_dropout(cond_dropout)
         self.coupling = coupling if coupling is not None else IndependentCoupling()
-        self.sigma = sigma
+        self.path = path if path is not None else LinearPath()
+        self.time_sampler = time_sampler if time_sampler is not None else UniformTimeSampler()
         self.cond_dropout = cond_dropout
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x_1 = batch["x1"]
         x_0 = torch.randn_like(x_1)
         x_0, x_1 = self.coupling(x_0, x_1)
-        t = torch.rand(len(x_1), device=x_1.device, dtype=x_1.dtype)
-        t_ = t.view(-1, *([1] * (x_1.ndim - 1)))
-        x_t = torch.lerp(x_0, x_1, t_)
-        if self.sigma > 0:
-            x_t = x_t + self.sigma * torch.randn_like(x_t)
-        v_t = x_1 - x_0
-        pred = model(x_t, t, t, drop_condition(batch.get("cond"), self.cond_dropout))
-        return LossOutput(F.mse_loss(pred.float(), v_t.float()))
+        t = self.time_sampler(len(x_1), x_1.device, x_1.dtype)
+        sample = self.path.sample(x_0, x_1, t)
+        pred = model(sample.x_t, t, t, drop_condition(batch.get("cond"), self.cond_dropout))
+        return LossOutput(F.mse_loss(pred.float(), sample.target.float()))

@@ -15,9 +15,9 @@ jvp of (x, t, r) -> u with tangents (v, 1, 0). One-step generation integrates fr
 at t = 0 to r = 1: x_1 = x_0 + u(x_0, t=0, r=1) (the notes' "u(noise, r=0, t=1)", written
 there with the paper's argument names; see solvers/meanflow.py).
 
-(t, r) are drawn in the paper's time s = 1 - τ (data at s = 0): two logit-normal samples,
-s_t the larger, s_r the smaller, and r set equal to t for a fraction ``1 - ratio`` of the batch;
-then t = 1 - s_t, r = 1 - s_r, so r ≥ t: the average runs towards the data.
+(t, r) are two draws of the time sampler, t the smaller and r the larger, with r set equal to t for a
+fraction ``1 - ratio`` of the batch: r ≥ t, the average runs towards the data. The default sampler is the
+paper's logit-normal(-0.4, 1) in its time s = 1 - τ (data at s = 0), which is logit-normal(0.4, 1) in ours.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from torch.func import jvp
 
 from losses.base import Loss, LossOutput
 from models.conditioning import Cond, check_dropout, drop_condition
+from paths.affine import LinearPath, ProbabilityPath, expand_like
+from paths.time import LogitNormalTimeSampler, TimeSampler
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -39,7 +41,8 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 class MeanFlowLoss(Loss):
     """The MeanFlow objective with adaptive weighting and optional training-time CFG.
 
-    ``ratio``: fraction of samples with r ≠ t (the paper's default 25%). u comes from one ordinary
+    ``ratio``: fraction of samples with r ≠ t (the paper's default 25%); ``path`` gives x_t and its velocity
+    v (default the straight line), ``time_sampler`` the times (see the module docstring). u comes from one ordinary
     forward of the batch (the only path gradients take); du/dt, which only enters the stop-gradient
     target, from a no-grad jvp: by default only on the r ≠ t samples (``full_batch_jvp=False``;
     for r = t the target is plain v). ``jvp_fp32`` runs that jvp outside autocast, as the
@@ -58,8 +61,8 @@ class MeanFlowLoss(Loss):
         ratio: float = 0.25,
         p: float = 1.0,
         c: float = 1e-3,
-        mu: float = -0.4,
-        sigma: float = 1.0,
+        path: ProbabilityPath | None = None,
+        time_sampler: TimeSampler | None = None,
         full_batch_jvp: bool = False,
         jvp_fp32: bool = True,
         omega: float = 1.0,
@@ -73,8 +76,8 @@ class MeanFlowLoss(Loss):
         self.ratio = ratio
         self.p = p
         self.c = c
-        self.mu = mu
-        self.sigma = sigma
+        self.path = path if path is not None else LinearPath()
+        self.time_sampler = time_sampler if time_sampler is not None else LogitNormalTimeSampler(mean=0.4, std=1.0)
         self.full_batch_jvp = full_batch_jvp
         self.jvp_fp32 = jvp_fp32
         self.omega = omega
@@ -98,11 +101,10 @@ class MeanFlowLoss(Loss):
 
     def sample_times(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(t, r) with r ≥ t, r ≠ t for a ``ratio`` fraction; see the module docstring."""
-        s = torch.sigmoid(self.mu + self.sigma * torch.randn(2, n, device=device))
-        s_t, s_r = s.max(dim=0).values, s.min(dim=0).values
+        times = self.time_sampler((2, n), device)
+        t, r = times.min(dim=0).values, times.max(dim=0).values
         equal = torch.rand(n, device=device) >= self.ratio
-        s_r = torch.where(equal, s_t, s_r)
-        return 1 - s_t, 1 - s_r
+        return t, torch.where(equal, t, r)
 
     def _guided_velocity(
         self, model: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, cond: Tensor, kept: Tensor
@@ -111,7 +113,7 @@ class MeanFlowLoss(Loss):
             u_cond = model(x_t, t, t, cond)
             u_null = model(x_t, t, t, None)
         guided = self.omega * v + self.kappa * u_cond + (1 - self.omega - self.kappa) * u_null
-        return torch.where(kept.view(-1, *([1] * (v.ndim - 1))), guided.to(v.dtype), v)
+        return torch.where(expand_like(kept, v), guided.to(v.dtype), v)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x_1 = batch["x1"]
@@ -119,9 +121,8 @@ class MeanFlowLoss(Loss):
         n = len(x_1)
         x_0 = torch.randn_like(x_1)
         t, r = self.sample_times(n, x_1.device)
-        t_ = t.view(-1, *([1] * (x_1.ndim - 1))).to(x_1.dtype)
-        x_t = (1 - t_) * x_0 + t_ * x_1
-        v = x_1 - x_0
+        sample = self.path.sample(x_0, x_1, t)
+        x_t, v = sample.x_t, sample.target
 
         cond = drop_condition(cond, self.cond_dropout)  # class labels: -1 is the null class
         assert cond is None or isinstance(cond, Tensor)
@@ -139,7 +140,7 @@ class MeanFlowLoss(Loss):
                 dudt = self._jvp(model, x_t, t, r, v, cond)[1]
             else:
                 dudt = self._selective_tangent(model, x_t, t, r, v, cond)
-        dt = (t - r).view(-1, *([1] * (x_1.ndim - 1)))
+        dt = expand_like(t - r, x_1)
         target = (v - dt * dudt).detach()
         delta = (u.float() - target.float()).flatten(1)
         sq = delta.pow(2).sum(dim=1)

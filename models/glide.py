@@ -193,7 +193,7 @@ class AttentionBlock(nn.Module):
     values from ``encoder_kv`` are prepended to the image's. Each head's slice of the fused qkv
     (and of encoder_kv) is laid out as [q | k | v] ([k | v]), GLIDE's order.
 
-    ``clip_attention`` is empty here; ``models.glide_clip`` installs IP-Adapter's decoupled attention
+    ``clip_attention`` is empty here; ``adapters.glide_clip`` installs IP-Adapter's decoupled attention
     to CLIP tokens there, a second attention of the same queries whose gated output is added to this
     one's. It runs only when ``clip`` tokens are passed, so the plain model's numbers never change."""
 
@@ -512,7 +512,7 @@ class GlideUNet(Model):
         self, x: Tensor, t: Tensor, cond: dict[str, Tensor], clip: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """``forward`` without the unused ``r``. ``clip`` is ``(tokens (B, xf_width, L), gate_scale ())``
-        for the attention blocks' ``clip_attention`` (``models.glide_clip``); passed as tensors through
+        for the attention blocks' ``clip_attention`` (``adapters.glide_clip``); passed as tensors through
         ``run`` so that activation checkpointing recomputes the same thing and no state stays on modules."""
         extra = clip or ()
         text = cond if "tokens" in cond else self.unconditional(x.shape[0], x.device)

@@ -13,7 +13,7 @@ ED at NFE 100 no worse than torchcfm's. Every per-seed number goes to ``--out`` 
 
 The shared setup is torchcfm's: an MLP of width 256 with three hidden layers, batch 256, Adam at
 1e-3 with a constant rate, no gradient clipping, source x_0 ~ N(0, I), sigma = 0, ``--steps``
-steps. Both models are then scored by our evaluator (``evaluation.sample_eval``): 5000 samples
+steps. Both models are then scored by our evaluator (``evaluation.energy_evaluator``): 5000 samples
 integrated with our Euler solver from the same noise (its generator, seed 1234) and compared
 with our energy distance to the same held-out set (``eval_set`` of the composed data config).
 Both sides run with ``--threads`` torch threads and are seeded by ``seed_everything(seed)``; which
@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
-import platform
-import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -63,8 +62,21 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dataloaders.base import HeldOut
-from evaluation.context import EvalContext
-from training.compose import compose_config
+from evaluation.contract import EvalContext
+from training.benchmark import (
+    TOY_BATCH,
+    TOY_EMA_DECAY,
+    TOY_LR,
+    TOY_WIDTH,
+    environment,
+    markdown_table,
+    medians_by,
+    rotated,
+    run_config,
+    toy_overrides,
+    verdict,
+    write_report,
+)
 from training.seeding import seed_everything
 from training.train import train
 
@@ -73,12 +85,7 @@ log = logging.getLogger("bench_2d")
 DATASETS = ("moons", "8gaussians")
 LOSSES = ("fm", "fm_ot")
 NFE = (1, 2, 4, 10, 100)
-BATCH = 256
-WIDTH = 256
-DEPTH = 3  # hidden layers, as torchcfm's MLP
-LR = 1e-3
 EVAL_SAMPLES = 5000
-EMA_DECAY = 0.999
 SPEED_TARGET = 0.8  # ours' ms/step at most this multiple of torchcfm's
 HAS_TORCHCFM = importlib.util.find_spec("torchcfm") is not None
 
@@ -106,38 +113,14 @@ class Result:
 # --- our framework ----------------------------------------------------------------------------
 def bench_config(dataset: str, loss: str, seed: int, steps: int, device: str, root: Path) -> DictConfig:
     """The launcher's config for one run in torchcfm's setup, every output under ``root``."""
-    run_name = f"bench_{dataset}_{loss}_s{seed}"
     overrides = [
-        f"run_name={run_name}",
-        f"dataloaders={dataset}",
+        *toy_overrides(dataset, steps, EVAL_SAMPLES, NFE),
         f"loss={loss}",
         "solver=euler",
-        "precision=fp32",
-        "lr_schedule=constant",
-        f"optimizer.lr={LR}",
-        f"model.hidden={WIDTH}",
-        f"model.depth={DEPTH}",
-        f"dataloaders.batch_size={BATCH}",
-        f"dataloaders.num_train={steps * BATCH}",  # one epoch: every step sees fresh points
-        f"dataloaders.num_eval={EVAL_SAMPLES}",
-        "epochs=1",
-        f"max_steps={steps}",
-        f"trainer.ema_decay={EMA_DECAY}",
-        "trainer.grad_clip=null",  # torchcfm does not clip
         "eval_use_ema=false",  # torchcfm has no EMA; the EMA weights are scored separately
-        f"eval.nfe=[{','.join(map(str, NFE))}]",
-        f"eval.num_samples={EVAL_SAMPLES}",
-        "eval.every_epochs=0",
-        "trackio.enabled=false",
-        "checkpoint.archive_every_epochs=0",
-        f"device={device}",
         f"seed={seed}",
-        "overwrite=true",
-        f"paths.root={root}",
-        f"paths.run_dir={root}/runs/{run_name}",
-        f"paths.experiment_log={root}/EXPERIMENT_LOG.md",
     ]
-    return compose_config(overrides)
+    return run_config(f"bench_{dataset}_{loss}_s{seed}", overrides, device, root)
 
 
 def energy_distances(metrics: dict[str, float]) -> dict[int, float]:
@@ -168,7 +151,7 @@ def run_ours(cfg: DictConfig, dataset: str, loss: str, reference: Tensor) -> lis
 class TorchCFMVelocity(nn.Module):
     """torchcfm's ``MLP`` on ``[x, t]`` behind our model contract ``model(x, t, r, cond)``.
 
-    Our sampler turns it into the solver's ``velocity(x, t)`` (``evaluation.sampling.velocity_of``)
+    Our sampler turns it into the solver's ``velocity(x, t)`` (``evaluation.sample_generation.velocity_of``)
     exactly as it does our models; r is unused, as in flow matching r = t.
     """
 
@@ -193,15 +176,15 @@ def run_torchcfm(cfg: DictConfig, dataset: str, loss: str, reference: Tensor, st
     sample_x1 = {"moons": sample_moons, "8gaussians": sample_8gaussians}[dataset]
     matcher = {"fm": ConditionalFlowMatcher, "fm_ot": ExactOptimalTransportConditionalFlowMatcher}[loss](sigma=0.0)
     seed_everything(int(cfg.seed), deterministic=False)
-    model = MLP(dim=2, w=WIDTH, time_varying=True).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    model = MLP(dim=2, w=TOY_WIDTH, time_varying=True).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=TOY_LR)
     model.train()
     sampling = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.zero_grad()
         before = time.perf_counter()
-        x1 = sample_x1(BATCH).float().to(device)
+        x1 = sample_x1(TOY_BATCH).float().to(device)
         sampling += time.perf_counter() - before
         x0 = torch.randn_like(x1)
         t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
@@ -228,80 +211,44 @@ def run_torchcfm(cfg: DictConfig, dataset: str, loss: str, reference: Tensor, st
 
 
 # --- one cell of the grid -----------------------------------------------------------------------
-def bench_one(
-    dataset: str, loss: str, seed: int, steps: int, device: str, root: Path, torchcfm_first: bool
-) -> list[Result]:
+def bench_one(dataset: str, loss: str, seed: int, steps: int, device: str, root: Path, turn: int) -> list[Result]:
+    """Ours and torchcfm (when installed) in the order of ``turn``: each gets the warm process in turn."""
     cfg = bench_config(dataset, loss, seed, steps, device, root)
     reference = instantiate(cfg.dataloaders).eval_set  # the held-out set our run is scored on
-    results: list[Result] = []
-    if HAS_TORCHCFM and torchcfm_first:
-        results.append(run_torchcfm(cfg, dataset, loss, reference, steps))
-    results += run_ours(cfg, dataset, loss, reference)
-    if HAS_TORCHCFM and not torchcfm_first:
-        results.append(run_torchcfm(cfg, dataset, loss, reference, steps))
+    runs = [partial(run_ours, cfg, dataset, loss, reference)]
+    if HAS_TORCHCFM:
+        runs.append(lambda: [run_torchcfm(cfg, dataset, loss, reference, steps)])
+    results = [r for run in rotated(runs, turn) for r in run()]
     for r in results:
-        log.info(
-            "%s %s %s seed %d: %.3f ms/step, ED@nfe%d %.4g",
-            r.dataset,
-            r.loss,
-            r.impl,
-            r.seed,
-            r.ms_per_step,
-            NFE[-1],
-            r.energy_distance[NFE[-1]],
-        )
+        log.info("%s %s %s seed %d: %.3f ms/step, ED@nfe%d %.4g", r.dataset, r.loss, r.impl, r.seed, r.ms_per_step,
+                 NFE[-1], r.energy_distance[NFE[-1]])  # fmt: skip
     return results
 
 
 # --- tables -----------------------------------------------------------------------------------
-@dataclass
-class Summary:
-    """Medians over seeds of one (dataset, loss, impl)."""
-
-    ms_per_step: float
-    ms_per_step_excl_sampling: float | None
-    energy_distance: dict[int, float]
-    seeds: int
+Summary = dict[tuple[str, str, str], dict[str, Any]]  # (dataset, loss, impl) -> medians over seeds
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+def summarize(results: list[Result]) -> Summary:
+    fields = ("ms_per_step", "ms_per_step_excl_sampling", "energy_distance")
+    return medians_by(results, lambda r: (r.dataset, r.loss, r.impl), fields)
 
 
-def summarize(results: list[Result]) -> dict[tuple[str, str, str], Summary]:
-    groups: dict[tuple[str, str, str], list[Result]] = {}
-    for r in results:
-        groups.setdefault((r.dataset, r.loss, r.impl), []).append(r)
-    return {
-        key: Summary(
-            ms_per_step=statistics.median(r.ms_per_step for r in runs),
-            ms_per_step_excl_sampling=_median_or_none([r.ms_per_step_excl_sampling for r in runs]),
-            energy_distance={n: statistics.median(r.energy_distance[n] for r in runs) for n in NFE},
-            seeds=len(runs),
-        )
-        for key, runs in groups.items()
-    }
-
-
-def results_table(summary: dict[tuple[str, str, str], Summary]) -> str:
-    lines = [
-        "| dataset | loss | implementation | ms/step | " + " | ".join(f"ED@NFE{n}" for n in NFE) + " |",
-        "|---|---|---|---:|" + "---:|" * len(NFE),
-    ]
+def results_table(summary: Summary) -> str:
+    rows = []
     for (dataset, loss, impl), s in summary.items():
         if impl == OURS_EMA:
             ms = "(same run)"
         elif impl == TORCHCFM:
-            ms = f"{s.ms_per_step:.3f} ({s.ms_per_step_excl_sampling:.3f} excl. sampling)"
+            ms = f"{s['ms_per_step']:.3f} ({s['ms_per_step_excl_sampling']:.3f} excl. sampling)"
         else:
-            ms = f"{s.ms_per_step:.3f}"
-        eds = " | ".join(f"{s.energy_distance[n]:.4g}" for n in NFE)
-        lines.append(f"| {dataset} | {loss} | {impl} | {ms} | {eds} |")
-    return "\n".join(lines)
+            ms = f"{s['ms_per_step']:.3f}"
+        rows.append([dataset, loss, impl, ms, *(f"{s['energy_distance'][n]:.4g}" for n in NFE)])
+    header = ["dataset", "loss", "implementation", "ms/step", *(f"ED@NFE{n}" for n in NFE)]
+    return markdown_table(header, rows, "lllr" + "r" * len(NFE))
 
 
-def ratio_table(summary: dict[tuple[str, str, str], Summary]) -> str:
+def ratio_table(summary: Summary) -> str:
     """Ours/torchcfm per (dataset, loss), each target marked PASS/FAIL.
 
     The quality target is judged on what the framework evaluates by default (EMA weights); the
@@ -314,29 +261,26 @@ def ratio_table(summary: dict[tuple[str, str, str], Summary]) -> str:
         f"ED@NFE{last} ours (raw)/torchcfm", "<= 1",
         "ms/step ours/torchcfm excl. its sampling",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|:---:|---:|:---:|---:|:---:|---:|"]
-    verdict = lambda ratio, target: "PASS" if ratio <= target else "FAIL"  # noqa: E731
+    rows = []
     for (dataset, loss, impl), theirs in summary.items():
         if impl != TORCHCFM:
             continue
         ours, ema = summary[(dataset, loss, OURS)], summary[(dataset, loss, OURS_EMA)]
-        assert theirs.ms_per_step_excl_sampling is not None  # always measured for torchcfm
-        speed = ours.ms_per_step / theirs.ms_per_step
-        quality_ema = ema.energy_distance[last] / theirs.energy_distance[last]
-        quality_raw = ours.energy_distance[last] / theirs.energy_distance[last]
-        cells = [
+        speed = ours["ms_per_step"] / theirs["ms_per_step"]
+        quality_ema = ema["energy_distance"][last] / theirs["energy_distance"][last]
+        quality_raw = ours["energy_distance"][last] / theirs["energy_distance"][last]
+        rows.append([
             dataset, loss,
             f"{speed:.3f}", verdict(speed, SPEED_TARGET),
             f"{quality_ema:.3f}", verdict(quality_ema, 1),
             f"{quality_raw:.3f}", verdict(quality_raw, 1),
-            f"{ours.ms_per_step / theirs.ms_per_step_excl_sampling:.3f}",
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            f"{ours['ms_per_step'] / theirs['ms_per_step_excl_sampling']:.3f}",
+        ])  # fmt: skip
+    return markdown_table(header, rows, "llrcrcrcr")
 
 
-def environment(args: argparse.Namespace) -> dict[str, object]:
-    """What the numbers depend on, stored beside them."""
+def settings(args: argparse.Namespace) -> dict[str, object]:
+    """The run's settings stored beside its numbers."""
     return {
         "steps": args.steps,
         "seeds": args.seeds,
@@ -344,37 +288,26 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
         "losses": args.losses,
         "device": args.device,
         "threads": args.threads,
-        "batch": BATCH,
-        "width": WIDTH,
-        "lr": LR,
+        "batch": TOY_BATCH,
+        "width": TOY_WIDTH,
+        "lr": TOY_LR,
         "eval_samples": EVAL_SAMPLES,
         "nfe": list(NFE),
-        "ema_decay": EMA_DECAY,
-        "torch": torch.__version__,
+        "ema_decay": TOY_EMA_DECAY,
         "torchcfm": importlib.import_module("torchcfm").__version__ if HAS_TORCHCFM else None,
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "processor": platform.processor(),
     }
-
-
-def write_results(path: Path, args: argparse.Namespace, results: list[Result]) -> None:
-    """Rewritten after every cell, so a long run that stops early keeps what it measured."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(args), "runs": [asdict(r) for r in results]}
-    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def warm_up(device: torch.device, steps: int = 20) -> None:
     """Untimed training steps first, so that neither side's timer pays for starting the thread
     pool, the CUDA context or cuBLAS (on CUDA that is tens of ms per step over a short run)."""
-    net = nn.Sequential(nn.Linear(3, WIDTH), nn.SiLU(), nn.Linear(WIDTH, 2)).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    net = nn.Sequential(nn.Linear(3, TOY_WIDTH), nn.SiLU(), nn.Linear(TOY_WIDTH, 2)).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=TOY_LR)
     for _ in range(steps):
         optimizer.zero_grad()
-        net(torch.randn(BATCH, 3, device=device)).square().mean().backward()
+        net(torch.randn(TOY_BATCH, 3, device=device)).square().mean().backward()
         optimizer.step()
-    torch.cdist(torch.randn(BATCH, 2, device=device), torch.randn(BATCH, 2, device=device))
+    torch.cdist(torch.randn(TOY_BATCH, 2, device=device), torch.randn(TOY_BATCH, 2, device=device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -402,10 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_2d_") as tmp:
         for dataset in args.datasets:
             for loss in args.losses:
-                for i, seed in enumerate(args.seeds):
-                    torchcfm_first = i % 2 == 1
-                    results += bench_one(dataset, loss, seed, args.steps, args.device, Path(tmp), torchcfm_first)
-                    write_results(args.out, args, results)
+                for turn, seed in enumerate(args.seeds):
+                    results += bench_one(dataset, loss, seed, args.steps, args.device, Path(tmp), turn)
+                    write_report(args.out, environment(settings(args), args.device), runs=results)
     summary = summarize(results)
     print(f"\n{args.steps} steps, seeds {args.seeds}, {args.device}, {args.threads} threads")
     print("medians over seeds\n")

@@ -16,19 +16,18 @@ one warm-up; peak memory is ``max_memory_allocated`` on CUDA, the process's peak
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from adapters.clip_training import PHASES, ClipAdapterTraining
+from adapters.glide_clip import GlideClipUNet, is_adapter_key
 from losses.clip_adapter_kl import ClipAdapterKLLoss
 from losses.diffusion import DiffusionLoss
 from models.glide import GlideUNet
-from models.glide_clip import GlideClipUNet, is_adapter_key
-from training.benchmark import time_steps
+from training.benchmark import markdown_table, precision_preset, time_steps
+from training.callbacks.clip_adapter import PHASES, ClipAdapterTraining
 from training.compose import compose_config
 
 CLIP_MODELS = ("ViT-B-32", "ViT-L-14", "RN50")
@@ -59,9 +58,7 @@ def batch(model: GlideUNet, size: int, device: torch.device) -> dict[str, Any]:
 
 def step_time(args: argparse.Namespace, phase: str | None) -> dict[str, Any]:
     device = torch.device(args.device)
-    precision = instantiate(compose_config([f"precision={args.precision}"]).precision)
-    precision.check(device)
-    precision.apply()
+    precision = precision_preset(args.precision, device)
     target = "glide_base" if phase is None else "glide_base_clip"
     model: GlideUNet = instantiate(compose_config([f"model={target}", "model.from_scratch=true",
                                                    "model.adapter_warmup_steps=0"] if phase else
@@ -78,11 +75,11 @@ def step_time(args: argparse.Namespace, phase: str | None) -> dict[str, Any]:
         g = torch.Generator().manual_seed(1)
         data["cond"]["clip"] = F.normalize(torch.randn(args.batch, model.clip_dim, generator=g), dim=-1).to(device)
     optimizer = torch.optim.AdamW(groups, lr=1e-5)
-    times, _, memory = time_steps(model, loss_fn, data, optimizer, precision, device, args.steps)
+    timing = time_steps(model, loss_fn, data, optimizer, precision, device, args.steps)
     trained = sum(p.numel() for g in groups for p in g["params"])
     del model, optimizer
-    return {"phase": phase or "plain GLIDE (diffusion)", "trained": trained, "ms": 1000 * statistics.median(times),
-            "memory_mb": memory}  # fmt: skip
+    return {"phase": phase or "plain GLIDE (diffusion)", "trained": trained, "ms": timing.median_ms,
+            "memory_mb": timing.peak_mb}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -97,18 +94,16 @@ def main(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict
     torch.manual_seed(0)
     sizes = adapter_sizes()
     print("\nCLIP adapter on GLIDE base (adapter_tokens 4, hidden = CLIP width)")
-    print("| CLIP model | width | MLP + token projection | CLIP K/V + gates | adapter file (fp32) MB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in sizes:
-        print(f"| {r['clip']} | {r['dim']} | {r['mlp']:,} | {r['attention']:,} | {r['mb']:.1f} |")
+    header = ["CLIP model", "width", "MLP + token projection", "CLIP K/V + gates", "adapter file (fp32) MB"]
+    print(markdown_table(header, [[r["clip"], r["dim"], f"{r['mlp']:,}", f"{r['attention']:,}", f"{r['mb']:.1f}"]
+                                  for r in sizes], "lrrrr"))  # fmt: skip
     if args.sizes_only:
         return sizes, []
     rows = [step_time(args, phase) for phase in (None, *PHASES)]
     print(f"\nGLIDE base + ViT-L-14 adapter, batch {args.batch}, {args.device}, {args.precision}")
-    print("| training | trained parameters | ms / step | peak memory MB |")
-    print("| --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['phase']} | {r['trained']:,} | {r['ms']:.0f} | {r['memory_mb']:.0f} |")
+    header = ["training", "trained parameters", "ms / step", "peak memory MB"]
+    print(markdown_table(header, [[r["phase"], f"{r['trained']:,}", f"{r['ms']:.0f}", f"{r['memory_mb']:.0f}"]
+                                  for r in rows], "lrrr"))  # fmt: skip
     return sizes, rows
 
 

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from training.benchmark import markdown_table, run_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMOS = {
     "2d (MLP, moons)": ["dataloaders.batch_size=256", "dataloaders.num_train=20000"],
@@ -41,10 +43,9 @@ def worker(overrides: list[str]) -> None:
 def run(demo: str, processes: int, device: str, ddp: bool, out: Path) -> float:
     steps = STEPS[demo]
     overrides = [
-        f"run_name=bench_ddp_{processes}", f"device={device}", "trackio.enabled=false", "overwrite=true",
-        f"max_steps={steps}", "epochs=1000", f"trainer.log_every={steps // 10}", "eval.num_samples=64",
-        "eval.nfe=[1]", "eval.every_epochs=0", "checkpoint.every_epochs=1000", "checkpoint.archive_every_epochs=0",
-        f"paths.root={out}", f"paths.run_dir={out}/run", f"paths.experiment_log={out}/log.md", *DEMOS[demo],
+        *run_overrides(f"bench_ddp_{processes}", device, out), f"max_steps={steps}", "epochs=1000",
+        f"trainer.log_every={steps // 10}", "eval.num_samples=64", "eval.nfe=[1]", "eval.every_epochs=0",
+        "checkpoint.every_epochs=1000", *DEMOS[demo],
     ]  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // processes) if device == "cpu" else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
@@ -81,9 +82,7 @@ def main() -> None:
                 )
     print(f"global batch fixed per demo; steps/s (median of logging windows); {os.cpu_count()} CPU cores")
     header = ("demo", "backend", "baseline steps/s", "distributed steps/s", "efficiency")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(markdown_table(header, rows, "llrrr"))
 
 
 if __name__ == "__main__":

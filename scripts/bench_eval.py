@@ -7,7 +7,7 @@ overhead of our FID wrapper over calling clean-fid directly.
 
 Three tables:
 
-``features``: ``evaluation.fid.features`` over a folder of 32x32 PNGs (CIFAR-sized, made from
+``features``: ``evaluation.inception_features.features`` over a folder of 32x32 PNGs (CIFAR-sized, made from
 scikit-learn's digits) in both modes. The network is clean-fid's Inception when its weights are
 at ``--inception-path`` or clean-fid's /tmp copy; without them (offline), torchvision's
 Inception-v3 with random weights stands in: the same architecture and input size, so the same
@@ -30,10 +30,7 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,12 +43,14 @@ from cleanfid.fid import compute_fid
 from PIL import Image
 
 from evaluation.errors import EvaluationError
-from evaluation.fid import FeatureExtractor, Statistics, features, fid, list_images, load_inception
-from evaluation.fid_reference import reference_statistics
-from evaluation.sample_folder import write_samples
-from evaluation.sampling import ImageSampler
+from evaluation.fid_reference_stats import reference_statistics
+from evaluation.fid_statistics import Statistics, fid
+from evaluation.inception_features import FeatureExtractor, features, list_images, load_inception
+from evaluation.sample_folder_writer import write_samples
+from evaluation.sample_generation import ImageSampler
 from models.unet import UNet
 from solvers.fixed_step import Euler
+from training.benchmark import markdown_table, median, side_by_side, time_repeats, timed, verdict
 
 log = logging.getLogger("bench_eval")
 
@@ -101,12 +100,6 @@ def make_folder(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def ours_fid(reference: Path, samples: Path, extractor: FeatureExtractor, batch_size: int, stats_dir: Path) -> float:
     shutil.rmtree(stats_dir, ignore_errors=True)  # computed from the folder every time, as on first use
     ref = reference_statistics(str(reference), extractor, stats_dir, batch_size=batch_size, progress=False)
@@ -136,8 +129,8 @@ def bench_features(args: argparse.Namespace, folder: Path, device: torch.device)
         extractor, label = network(mode, device, args.inception_path)
         run = partial(features, files, extractor, args.batch_size, progress=False)
         features(files[: args.batch_size], extractor, args.batch_size, progress=False)  # warm-up
-        seconds = [timed(run) for _ in range(args.repeats)]
-        rows.append({"mode": mode, "network": label, "s_per_1000": 1000 * statistics.median(seconds) / len(files)})
+        seconds, _ = time_repeats(run, args.repeats)
+        rows.append({"mode": mode, "network": label, "s_per_1000": 1000 * median(seconds) / len(files)})
     return rows
 
 
@@ -148,19 +141,13 @@ def bench_overhead(
     for extractor in (network("clean", device, args.inception_path)[0], pooled_projection("clean", device)):
         ours = partial(ours_fid, reference, samples, extractor, args.batch_size, tmp / "stats")
         theirs = partial(cleanfid_fid, reference, samples, extractor, args.batch_size)
-        times: dict[str, list[float]] = {"ours": [], "theirs": []}
-        scores: dict[str, list[float]] = {"ours": [], "theirs": []}
-        for r in range(args.repeats):
-            for name, fn in (("ours", ours), ("theirs", theirs))[:: 1 if r % 2 == 0 else -1]:
-                start = time.perf_counter()
-                scores[name].append(fn())
-                times[name].append(time.perf_counter() - start)
+        times, scores = side_by_side({"ours": ours, "theirs": theirs}, args.repeats)  # alternating which goes first
         rows.append(
             {
                 "network": extractor.name,
-                "ours_s": statistics.median(times["ours"]),
-                "cleanfid_s": statistics.median(times["theirs"]),
-                "ratio": statistics.median(a / b for a, b in zip(times["ours"], times["theirs"], strict=True)),
+                "ours_s": median(times["ours"]),
+                "cleanfid_s": median(times["theirs"]),
+                "ratio": median(a / b for a, b in zip(times["ours"], times["theirs"], strict=True)),
                 "same_fid": bool(np.allclose(scores["ours"], scores["theirs"], rtol=1e-6, atol=1e-6)),
             }
         )
@@ -192,9 +179,9 @@ def bench_sampling(args: argparse.Namespace, device: torch.device, tmp: Path) ->
         write, generate = [], []
         for r in range(args.repeats):
             folder = tmp / f"samples_{nfe}_{r}"
-            write.append(timed(partial(write_samples, folder, args.images, args.sample_batch, sampler, {}, False)))
-            generate.append(timed(partial(generate_all, sampler, args.images, args.sample_batch)))
-        w, g = statistics.median(write), statistics.median(generate)
+            write.append(timed(partial(write_samples, folder, args.images, args.sample_batch, sampler, {}, False))[0])
+            generate.append(timed(partial(generate_all, sampler, args.images, args.sample_batch))[0])
+        w, g = median(write), median(generate)
         rows.append(
             {"nfe": nfe, "params": params, "s_per_1000": 1000 * w / args.images, "png_share": max(0.0, (w - g) / w)}
         )
@@ -224,23 +211,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sampling": bench_sampling(args, device, tmp),
         }
     print(f"\nfeatures ({args.images} 32x32 PNGs, batch {args.batch_size}, {args.device})")
-    print("| mode | network | s / 1000 images |\n| --- | --- | ---: |")
-    for row in results["features"]:
-        print(f"| {row['mode']} | {row['network']} | {row['s_per_1000']:.1f} |")
+    rows = [[row["mode"], row["network"], f"{row['s_per_1000']:.1f}"] for row in results["features"]]
+    print(markdown_table(["mode", "network", "s / 1000 images"], rows, "llr"))
     print(f"\nFID of two folders of {args.images} images: ours / clean-fid's compute_fid (median of {args.repeats})")
-    print("| network | ours s | clean-fid s | ratio | same FID | target <= 1.05 |")
-    print("| --- | ---: | ---: | ---: | --- | --- |")
-    for row in results["overhead"]:
-        verdict = "PASS" if row["ratio"] <= 1.05 else "FAIL"
-        print(
-            f"| {row['network']} | {row['ours_s']:.2f} | {row['cleanfid_s']:.2f} | {row['ratio']:.3f} | "
-            f"{row['same_fid']} | {verdict} |"
-        )
+    rows = [[row["network"], f"{row['ours_s']:.2f}", f"{row['cleanfid_s']:.2f}", f"{row['ratio']:.3f}",
+             row["same_fid"], verdict(row["ratio"], 1.05)] for row in results["overhead"]]  # fmt: skip
+    print(markdown_table(["network", "ours s", "clean-fid s", "ratio", "same FID", "target <= 1.05"], rows, "lrrrll"))
     params = results["sampling"][0]["params"] / 1e6
     print(f"\nsample generation to PNG (UNet 16x16x1, {params:.2f}M params, Euler, batch {args.sample_batch})")
-    print("| NFE | s / 1000 samples | PNG writing share |\n| ---: | ---: | ---: |")
-    for row in results["sampling"]:
-        print(f"| {row['nfe']} | {row['s_per_1000']:.2f} | {100 * row['png_share']:.0f}% |")
+    rows = [[row["nfe"], f"{row['s_per_1000']:.2f}", f"{100 * row['png_share']:.0f}%"] for row in results["sampling"]]
+    print(markdown_table(["NFE", "s / 1000 samples", "PNG writing share"], rows, "rrr"))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return results

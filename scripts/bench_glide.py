@@ -17,7 +17,6 @@ maximum over the whole process, so only the first CPU row's figure is that row's
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from hydra.utils import instantiate
 
 from losses.diffusion import DiffusionLoss
 from models.glide import GlideUNet
-from training.benchmark import time_steps
+from training.benchmark import markdown_table, precision_preset, time_steps
 from training.compose import compose_config
 from training.optim import adamw8bit
 
@@ -51,19 +50,16 @@ def batch(model: GlideUNet, size: int, device: torch.device) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, precision_name: str, use_checkpoint: bool) -> dict[str, Any]:
     device = torch.device(args.device)
-    precision = instantiate(compose_config([f"precision={precision_name}"]).precision)
-    precision.check(device)
-    precision.apply()
+    precision = precision_preset(precision_name, device)
     model = build(args.model, args.checkpoint, use_checkpoint, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw8bit(params, lr=1e-5) if args.optimizer == "adamw8bit" else torch.optim.AdamW(params, lr=1e-5)
     loss_fn = DiffusionLoss(noise_schedule="linear" if args.model == "upsample" else "squaredcos_cap_v2")
-    times, loss, memory = time_steps(model, loss_fn, batch(model, args.batch, device), optimizer, precision, device,
-                                     args.steps)  # fmt: skip
+    timing = time_steps(model, loss_fn, batch(model, args.batch, device), optimizer, precision, device, args.steps)
     n = sum(p.numel() for p in model.parameters())
     del model, optimizer
-    return {"precision": precision_name, "checkpointing": use_checkpoint, "ms": 1000 * statistics.median(times),
-            "memory_mb": memory, "params": n, "loss": loss}  # fmt: skip
+    return {"precision": precision_name, "checkpointing": use_checkpoint, "ms": timing.median_ms,
+            "memory_mb": timing.peak_mb, "params": n, "loss": timing.loss}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -82,10 +78,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"\nGLIDE {args.model} ({rows[0]['params']:,} parameters), batch {args.batch}, {args.device}, {args.optimizer}"
     )
-    print("| precision | activation checkpointing | ms / step | peak memory MB | loss |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['precision']} | {r['checkpointing']} | {r['ms']:.0f} | {r['memory_mb']:.0f} | {r['loss']:.4f} |")
+    header = ["precision", "activation checkpointing", "ms / step", "peak memory MB", "loss"]
+    print(markdown_table(header, [[r["precision"], r["checkpointing"], f"{r['ms']:.0f}", f"{r['memory_mb']:.0f}",
+                                   f"{r['loss']:.4f}"] for r in rows], "llrrr"))  # fmt: skip
     return rows
 
 

@@ -50,23 +50,36 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
-import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from dataloaders.base import TensorLoader
-from evaluation.context import EvalContext
-from training.compose import CONFIG_DIR, compose_config
+from evaluation.contract import EvalContext
+from training.benchmark import (
+    alternating,
+    environment,
+    markdown_table,
+    median,
+    medians_by,
+    peak_memory_mb,
+    reset_peak_memory,
+    rotated,
+    run_config,
+    timed,
+    toy_overrides,
+    verdict,
+    write_report,
+)
+from training.compose import CONFIG_DIR
 from training.seeding import seed_everything
 from training.tracking import Tracker
 from training.train import train
@@ -77,11 +90,6 @@ PARTS = ("2d", "unet", "dit")
 
 # --- 2D: scripts/bench_2d.py's setup ---------------------------------------------------------
 DATASETS = ("moons", "8gaussians")
-BATCH = 256
-WIDTH = 256
-DEPTH = 3
-LR = 1e-3
-EMA_DECAY = 0.999
 EMA, RAW = "EMA (default)", "raw"
 
 
@@ -174,56 +182,11 @@ class StepResult:
     peak_mb: float | None
 
 
-# --- shared ----------------------------------------------------------------------------------
-def compose(name: str, overrides: Sequence[str], device: str, root: Path) -> DictConfig:
-    """The launcher's config with ``overrides``, no tracking, every output under ``root``."""
-    return compose_config(
-        [
-            f"run_name={name}",
-            *overrides,
-            "trackio.enabled=false",
-            "checkpoint.archive_every_epochs=0",
-            f"device={device}",
-            "overwrite=true",
-            f"paths.root={root}",
-            f"paths.run_dir={root}/runs/{name}",
-            f"paths.experiment_log={root}/EXPERIMENT_LOG.md",
-        ]
-    )
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "PASS" if ratio <= target else "FAIL"
-
-
 # --- 2D ----------------------------------------------------------------------------------------
-def toy_overrides(dataset: str, method: Method, seed: int, steps: int, eval_samples: int) -> list[str]:
-    return [
-        f"dataloaders={dataset}",
-        *method.overrides,
-        "precision=fp32",
-        "lr_schedule=constant",
-        f"optimizer.lr={LR}",
-        f"model.hidden={WIDTH}",
-        f"model.depth={DEPTH}",
-        f"dataloaders.batch_size={BATCH}",
-        f"dataloaders.num_train={steps * BATCH}",  # one epoch: every step sees fresh points
-        f"dataloaders.num_eval={eval_samples}",
-        "epochs=1",
-        f"max_steps={steps}",
-        f"trainer.ema_decay={EMA_DECAY}",
-        "trainer.grad_clip=null",
-        f"eval.nfe=[{','.join(map(str, method.nfe))}]",
-        f"eval.num_samples={eval_samples}",
-        "eval.every_epochs=0",
-        f"seed={seed}",
-    ]
-
-
 def run_toy(args: argparse.Namespace, dataset: str, method: Method, seed: int, root: Path) -> list[ToyResult]:
     """Train once; the EMA weights are scored by ``train`` itself, the raw ones from the same noise."""
-    name = f"mf_{dataset}_{method.name}_s{seed}"
-    cfg = compose(name, toy_overrides(dataset, method, seed, args.steps, args.eval_samples), args.device, root)
+    overrides = [*toy_overrides(dataset, args.steps, args.eval_samples, method.nfe), *method.overrides, f"seed={seed}"]
+    cfg = run_config(f"mf_{dataset}_{method.name}_s{seed}", overrides, args.device, root)
     metrics, objects = train(cfg)
     raw_metrics = instantiate(cfg.eval)(
         objects["model"], objects["solver"], objects["data"].eval_inputs(), EvalContext(torch.device(cfg.device))
@@ -238,51 +201,33 @@ def run_toy(args: argparse.Namespace, dataset: str, method: Method, seed: int, r
     return results
 
 
-@dataclass
-class ToySummary:
-    """Medians over the seeds of one (dataset, method, weights)."""
-
-    ms_per_step: float
-    energy_distance: dict[int, float]
+ToySummary = dict[tuple[str, str, str], dict[str, Any]]  # (dataset, method, weights) -> medians over seeds
 
 
-def toy_medians(results: list[ToyResult]) -> dict[tuple[str, str, str], ToySummary]:
-    groups: dict[tuple[str, str, str], list[ToyResult]] = {}
-    for r in results:
-        groups.setdefault((r.dataset, r.method, r.weights), []).append(r)
-    return {
-        key: ToySummary(
-            ms_per_step=statistics.median(r.ms_per_step for r in runs),
-            energy_distance={n: statistics.median(r.energy_distance[n] for r in runs) for n in runs[0].energy_distance},
-        )
-        for key, runs in groups.items()
-    }
+def toy_medians(results: list[ToyResult]) -> ToySummary:
+    return medians_by(results, lambda r: (r.dataset, r.method, r.weights), ("ms_per_step", "energy_distance"))
 
 
-def toy_table(summary: dict[tuple[str, str, str], ToySummary]) -> str:
-    lines = [
-        "| data | method | weights | ms/step | " + " | ".join(f"ED@{n}" for n in NFE) + " |",
-        "|---|---|---|---:|" + "---:|" * len(NFE),
-    ]
+def toy_table(summary: ToySummary) -> str:
+    rows = []
     for (dataset, method, weights), s in summary.items():
-        ms = f"{s.ms_per_step:.3f}" if weights == EMA else "(same run)"
-        eds = " | ".join(f"{s.energy_distance[n]:.4g}" if n in s.energy_distance else "" for n in NFE)
-        lines.append(f"| {dataset} | {method} | {weights} | {ms} | {eds} |")
-    return "\n".join(lines)
+        ms = f"{s['ms_per_step']:.3f}" if weights == EMA else "(same run)"
+        eds = (f"{s['energy_distance'][n]:.4g}" if n in s["energy_distance"] else "" for n in NFE)
+        rows.append([dataset, method, weights, ms, *eds])
+    header = ["data", "method", "weights", "ms/step", *(f"ED@{n}" for n in NFE)]
+    return markdown_table(header, rows, "lllr" + "r" * len(NFE))
 
 
-def toy_target_table(summary: dict[tuple[str, str, str], ToySummary], datasets: Sequence[str]) -> str:
+def toy_target_table(summary: ToySummary, datasets: Sequence[str]) -> str:
     """MeanFlow's ED at 1 NFE over OT-FM's, per data set and weights; the target is <= 1."""
-    lines = [
-        "| data | weights | MeanFlow ED@1 | OT-FM ED@1 | MeanFlow / OT-FM | <= 1 |",
-        "|---|---|---:|---:|---:|:---:|",
-    ]
+    rows = []
     for dataset in datasets:
         for weights in (EMA, RAW):
-            mf = summary[(dataset, MEANFLOW.name, weights)].energy_distance[1]
-            ot = summary[(dataset, OT_FM.name, weights)].energy_distance[1]
-            lines.append(f"| {dataset} | {weights} | {mf:.4g} | {ot:.4g} | {mf / ot:.3f} | {verdict(mf / ot, 1)} |")
-    return "\n".join(lines)
+            mf = summary[(dataset, MEANFLOW.name, weights)]["energy_distance"][1]
+            ot = summary[(dataset, OT_FM.name, weights)]["energy_distance"][1]
+            rows.append([dataset, weights, f"{mf:.4g}", f"{ot:.4g}", f"{mf / ot:.3f}", verdict(mf / ot, 1)])
+    header = ["data", "weights", "MeanFlow ED@1", "OT-FM ED@1", "MeanFlow / OT-FM", "<= 1"]
+    return markdown_table(header, rows, "llrrrc")
 
 
 # --- UNet step cost ----------------------------------------------------------------------------
@@ -316,9 +261,8 @@ def unet_overrides(args: argparse.Namespace, variant: Variant, repeat: int) -> l
 
 
 def run_unet(args: argparse.Namespace, variant: Variant, repeat: int, root: Path) -> StepResult:
-    cfg = compose(f"unet_{variant.key}_{repeat}", unet_overrides(args, variant, repeat), args.device, root)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # train's figure is the process's peak, not the run's
+    cfg = run_config(f"unet_{variant.key}_{repeat}", unet_overrides(args, variant, repeat), args.device, root)
+    reset_peak_memory(torch.device(args.device))  # train's figure is the process's peak, not the run's
     metrics, objects = train(cfg)
     ms = metrics["train/ms_per_step_steady"]
     fastest = 1000 / max(objects["trainer"].step_rates[1:])  # the windows the steady figure is the median of
@@ -326,14 +270,6 @@ def run_unet(args: argparse.Namespace, variant: Variant, repeat: int, root: Path
     log.info("unet repeat %d, %s: %.2f ms/step steady (fastest window %.2f, whole run %.2f)", repeat, variant.name,
              ms, fastest, metrics["train/ms_per_step"])  # fmt: skip
     return StepResult("unet", variant.name, repeat, ms, fastest, 1000 * args.unet_batch / ms, peak)
-
-
-def rotating(variants: Sequence[Variant], repeats: int) -> Iterator[tuple[Variant, int]]:
-    """Every variant once per repeat, the order rotated by one each repeat."""
-    for repeat in range(repeats):
-        shift = repeat % len(variants)
-        for variant in [*variants[shift:], *variants[:shift]]:
-            yield variant, repeat
 
 
 # --- DiT-B/2 step cost (CUDA) ------------------------------------------------------------------
@@ -352,7 +288,7 @@ def run_dit(args: argparse.Namespace, variant: Variant, repeat: int, root: Path)
         f"trainer.log_every={args.log_every}",
         f"seed={repeat}",
     ]
-    cfg = compose(f"dit_{variant.key}_{repeat}", overrides, "cuda", root)
+    cfg = run_config(f"dit_{variant.key}_{repeat}", overrides, "cuda", root)
     device = torch.device("cuda")
     precision = instantiate(cfg.precision)
     precision.check(device)
@@ -368,22 +304,14 @@ def run_dit(args: argparse.Namespace, variant: Variant, repeat: int, root: Path)
     n = DIT_BATCH * (DIT_WARMUP + args.cuda_steps)  # one epoch, fresh latents every step
     latents = {"x1": torch.randn(n, c, h, w, device=device), "cond": torch.randint(0, DIT_CLASSES, (n,), device=device)}
     loader = TensorLoader(latents, DIT_BATCH, seed=repeat)
-    torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(loader, epochs=1, max_steps=DIT_WARMUP, on_epoch_end=no_epoch_end)
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    trainer.fit(loader, epochs=1, max_steps=DIT_WARMUP + args.cuda_steps, on_epoch_end=no_epoch_end)
-    torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    reset_peak_memory(device)
+    trainer.fit(loader, epochs=1, max_steps=DIT_WARMUP)
+    seconds, _ = timed(partial(trainer.fit, loader, epochs=1, max_steps=DIT_WARMUP + args.cuda_steps), device)
     ms = 1000 * seconds / args.cuda_steps
     fastest = 1000 / max(trainer.step_rates[-(args.cuda_steps // args.log_every) :])  # the timed steps' windows
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    peak = peak_memory_mb(device)
     log.info("dit %s: %.2f ms/step (fastest window %.2f), %.0f MB", variant.name, ms, fastest, peak)
     return StepResult("dit", variant.name, repeat, ms, fastest, 1000 * DIT_BATCH / ms, peak)
-
-
-def no_epoch_end(epoch: int) -> None:
-    """Nothing between epochs: no evaluation, no checkpoint."""
 
 
 def release_cuda() -> None:
@@ -396,52 +324,30 @@ def release_cuda() -> None:
 def step_table(results: list[StepResult], variants: list[Variant]) -> str:
     """Medians over repeats. Each ratio to flow matching is taken within a repeat, and its median
     judged against the target; the same for the fastest windows, shown beside."""
-    lines = [
-        f"| variant | ms/step | images/s | peak MB | / FM | range over repeats | <= {STEP_TARGET} "
-        "| fastest window ms/step | / FM |",
-        "|---|---:|---:|---:|---:|---:|:---:|---:|---:|",
-    ]
     fm = {r.repeat: r for r in results if r.variant == FM_STEP.name}
+    rows = []
     for v in variants:
         runs = [r for r in results if r.variant == v.name]
         ratios = [r.ms_per_step / fm[r.repeat].ms_per_step for r in runs]
         fastest_ratios = [r.fastest_window_ms / fm[r.repeat].fastest_window_ms for r in runs]
-        peaks = [r.peak_mb for r in runs if r.peak_mb is not None]
-        cells = [
+        peak = median(r.peak_mb for r in runs)
+        rows.append([
             v.name,
-            f"{statistics.median(r.ms_per_step for r in runs):.2f}",
-            f"{statistics.median(r.images_per_s for r in runs):.0f}",
-            f"{statistics.median(peaks):.0f}" if peaks else "",
-            f"{statistics.median(ratios):.3f}",
+            f"{median(r.ms_per_step for r in runs):.2f}",
+            f"{median(r.images_per_s for r in runs):.0f}",
+            "" if peak is None else f"{peak:.0f}",
+            f"{median(ratios):.3f}",
             f"{min(ratios):.3f}-{max(ratios):.3f}",
-            verdict(statistics.median(ratios), STEP_TARGET) if v.meanflow else "",
-            f"{statistics.median(r.fastest_window_ms for r in runs):.2f}",
-            f"{statistics.median(fastest_ratios):.3f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            verdict(median(ratios), STEP_TARGET) if v.meanflow else "",
+            f"{median(r.fastest_window_ms for r in runs):.2f}",
+            f"{median(fastest_ratios):.3f}",
+        ])  # fmt: skip
+    header = ["variant", "ms/step", "images/s", "peak MB", "/ FM", "range over repeats", f"<= {STEP_TARGET}",
+              "fastest window ms/step", "/ FM"]  # fmt: skip
+    return markdown_table(header, rows, "lrrrrrcrr")
 
 
 # --- driver --------------------------------------------------------------------------------------
-def environment(args: argparse.Namespace) -> dict[str, object]:
-    """What the numbers depend on, stored beside them."""
-    return {
-        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "python": platform.python_version(),
-        "machine": platform.platform(),
-        "processor": platform.processor(),
-    }
-
-
-def write_results(args: argparse.Namespace, results: dict[str, list]) -> None:
-    """Rewritten after every run, so a long run that stops early keeps what it measured."""
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(args), **{part: [asdict(r) for r in rs] for part, rs in results.items()}}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="dit runs on --device cuda only")
@@ -481,20 +387,19 @@ def measure(args: argparse.Namespace, variants: list[Variant]) -> dict[str, list
         root = Path(tmp)
         if "2d" in args.parts:
             for dataset in args.datasets:
-                for i, seed in enumerate(args.seeds):
-                    shift = i % len(METHODS)  # no method always gets the warm process
-                    for method in METHODS[shift:] + METHODS[:shift]:
+                for turn, seed in enumerate(args.seeds):
+                    for method in rotated(METHODS, turn):  # no method always gets the warm process
                         results["2d"] += run_toy(args, dataset, method, seed, root)
-                        write_results(args, results)
+                        write_report(args.out, environment(vars(args), args.device), **results)
         if "unet" in args.parts:
-            for variant, repeat in rotating(variants, args.repeats):
+            for variant, repeat in alternating(variants, args.repeats):
                 results["unet"].append(run_unet(args, variant, repeat, root))
-                write_results(args, results)
+                write_report(args.out, environment(vars(args), args.device), **results)
         if "dit" in args.parts and args.device == "cuda":
             for variant in dit_variants(variants):
                 release_cuda()
                 results["dit"].append(run_dit(args, variant, 0, root))
-                write_results(args, results)
+                write_report(args.out, environment(vars(args), args.device), **results)
     return results
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training.compose import compose_config
+from training.benchmark import markdown_table, reset_peak_memory, run_config
 from training.errors import UserError
 from training.train import train
 
@@ -30,7 +30,6 @@ def run(args: argparse.Namespace, precision: str, compile_mode: str | None, root
     name = f"{precision}" + (f"+compile:{compile_mode}" if compile_mode else "")
     epoch_batches = 20
     overrides = [
-        f"run_name=bench_{precision}_{compile_mode or 'eager'}",
         "dataloaders=kmeans",
         f"dataloaders.dim={args.dim}",
         f"dataloaders.batch_size={args.batch}",
@@ -47,19 +46,11 @@ def run(args: argparse.Namespace, precision: str, compile_mode: str | None, root
         "eval.nfe=[10]",
         "eval.num_samples=2000",
         "eval.every_epochs=0",
-        "trackio.enabled=false",
         "checkpoint.every_epochs=1000",
-        "checkpoint.archive_every_epochs=0",
-        f"device={args.device}",
-        "overwrite=true",
-        f"paths.root={root}",
-        f"paths.run_dir={root}/runs/{name}",
-        f"paths.experiment_log={root}/EXPERIMENT_LOG.md",
     ]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(torch.device(args.device))
     try:
-        metrics, _ = train(compose_config(overrides))
+        metrics, _ = train(run_config(f"bench_{precision}_{compile_mode or 'eager'}", overrides, args.device, root))
     except UserError as e:
         return {"preset": name, "note": str(e)}
     return {
@@ -93,10 +84,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else args.device
     print(f"MLP hidden {args.hidden} x depth {args.depth} on {args.dim}-d data, batch {args.batch}, {device}\n")
     cols = ["preset", "ms/step", "peak MB", "final loss", "ED@nfe10", "note"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(row.get(c, "") for c in cols) + " |")
+    print(markdown_table(cols, [[row.get(c, "") for c in cols] for row in rows], "lrrrrl"))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,18 @@ encodes its image with the VAE and its caption with both text encoders (no cache
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from adapters.sdxl import SDXLLoRA, SDXLTokenizer
 from adapters.sdxl_arch import SDXL_BASE, TINY_SDXL
 from adapters.sdxl_components import build_random
 from adapters.sdxl_lora import add_lora, lora_config, unet_targets
 from losses.sdxl import SDXLDiffusionLoss
-from training.benchmark import time_steps
-from training.compose import compose_config
+from training.benchmark import markdown_table, precision_preset, time_steps
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECIPE = {"unet": "bf16", "text_encoder": "bf16", "text_encoder_2": "bf16", "vae": "fp32"}
@@ -63,19 +60,17 @@ def step_row(configs: dict[str, dict[str, Any]], folder: Path, size: int, rank: 
     cpu = device.type != "cuda"
     model = SDXLLoRA(parts, lora_rank=rank, lora_alpha=16, unet_dtype="float32" if cpu else "bfloat16",
                      text_encoder_dtype="float32" if cpu else "bfloat16").to(device)  # fmt: skip
-    precision = instantiate(compose_config([f"precision={'fp32' if cpu else 'bf16'}"]).precision)
-    precision.check(device)
-    precision.apply()
+    precision = precision_preset("fp32" if cpu else "bf16", device)
     tokens, _ = SDXLTokenizer(model.tokenizers)(["a photo of an astronaut riding a horse on the moon"])
     batch = {
         "x1": torch.rand(1, 3, size, size, device=device) * 2 - 1,
         "cond": {"tokens": tokens.to(device), "sizes": torch.tensor([[size, size, 0, 0, size, size]], device=device)},
     }
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad]}], lr=1e-4)
-    times, _, memory = time_steps(model, SDXLDiffusionLoss(), batch, optimizer, precision, device, args.steps)
+    timing = time_steps(model, SDXLDiffusionLoss(), batch, optimizer, precision, device, args.steps)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     del model, parts, optimizer
-    return {"size": size, "rank": rank, "trained": trained, "ms": 1000 * statistics.median(times), "memory_mb": memory}
+    return {"size": size, "rank": rank, "trained": trained, "ms": timing.median_ms, "memory_mb": timing.peak_mb}
 
 
 def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
@@ -89,19 +84,16 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
         folder = Path(tmp)
         weights = weights_table(configs, folder)
         print(f"\nSDXL{' (tiny)' if args.tiny else ''} weights resident during LoRA training")
-        print("| part | parameters | dtype | GB |")
-        print("| --- | ---: | --- | ---: |")
-        for r in weights:
-            print(f"| {r['part']} | {r['params']:,} | {r['dtype']} | {r['gb']:.3f} |")
+        rows = [[r["part"], f"{r['params']:,}", r["dtype"], f"{r['gb']:.3f}"] for r in weights]
+        print(markdown_table(["part", "parameters", "dtype", "GB"], rows, "lrlr"))
         if args.device != "cuda" and not args.tiny:
             print("\nstep time and peak memory: CUDA only (pass --device cuda on a GPU machine)")
             return weights, []
         rows = [step_row(configs, folder, size // (8 if args.tiny else 1), rank, args) for size, rank in CASES]
     print(f"\nLoRA training steps, batch 1, {args.device}")
-    print("| image px | rank | trained parameters | ms / step | peak memory MB |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['size']} | {r['rank']} | {r['trained']:,} | {r['ms']:.0f} | {r['memory_mb']:.0f} |")
+    header = ["image px", "rank", "trained parameters", "ms / step", "peak memory MB"]
+    print(markdown_table(header, [[r["size"], r["rank"], f"{r['trained']:,}", f"{r['ms']:.0f}", f"{r['memory_mb']:.0f}"]
+                                  for r in rows], "rrrrr"))  # fmt: skip
     return weights, rows
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.errors import EvaluationError
-from evaluation.fid import MODES, FeatureExtractor, load_inception
-from evaluation.fid_reference import NAME, folder_statistics, stats_path
-from evaluation.sample_folder import sample_path, save_png
+from evaluation.fid_reference_stats import NAME, folder_statistics, stats_path
+from evaluation.inception_features import MODES, FeatureExtractor, load_inception
+from evaluation.sample_folder_writer import sample_path, save_png
 from training.errors import UserError
 
 log = logging.getLogger("fid_stats")

@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 from adapters.sdxl import sample
 from adapters.sdxl_components import SDXLWeightsError, dtype_of, load_components
 from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_base, read_safetensors
-from adapters.sdxl_training import export_checkpoint
+from training.inference import export_lora_checkpoint
 from models.fingerprint import weights_fingerprint
 from training.cli import positive_int
 from training.errors import UserError
@@ -91,7 +91,7 @@ def lora_weights_file(source: Path, scratch: Path) -> Path:
     if source.is_dir():
         source = source / LORA_FILE
     if source.suffix == ".pt":
-        return export_checkpoint(source, scratch, kohya=False)[0]
+        return export_lora_checkpoint(source, scratch, kohya=False)[0]
     if not source.is_file():
         raise UserError(f"--lora {source} does not exist; pass a LoRA .safetensors, its folder, or a last.pt")
     return source

@@ -34,11 +34,11 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from adapters.clip_encoder import FrozenClip
+from adapters.glide_clip import GlideClipUNet, read_adapter_description
 from evaluation.clip_score import read_prompts
 from evaluation.errors import EvaluationError
-from evaluation.sampling import sample
+from evaluation.sample_generation import sample
 from models.glide import GlideUNet
-from models.glide_clip import GlideClipUNet, read_adapter_description
 from models.glide_tokenizer import GlideTokenizer
 from solvers.diffusion import DiffusionSampler
 from training.checkpoint import FORMAT, check_state

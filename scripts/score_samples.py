@@ -20,18 +20,16 @@ from typing import Any
 
 from evaluation.clip_score import CLIPScore, load_clip_scorer, read_prompts
 from evaluation.errors import EvaluationError
-from evaluation.fid import (
+from evaluation.fid_reference_stats import reference_statistics
+from evaluation.fid_statistics import Statistics, fid, kid
+from evaluation.inception_features import (
     MODES,
     FeatureExtractor,
-    Statistics,
     features,
-    fid,
-    kid,
     list_images,
     load_inception,
     resolution_of,
 )
-from evaluation.fid_reference import reference_statistics
 
 log = logging.getLogger("score_samples")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from evaluation.plots import animate_flow, plot_trajectories, scatter_samples
-from evaluation.sampling import sample
+from evaluation.plots_2d import animate_flow, plot_trajectories, scatter_samples
+from evaluation.sample_generation import sample
 from solvers.adaptive import Dopri5
 from solvers.base import Sampler
 from solvers.fixed_step import RK4, Euler, Heun, Midpoint

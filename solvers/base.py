@@ -6,7 +6,7 @@ sigmas, flow_matching's ``ODESolver`` its ``time_grid``)::
     grid = sampler.grid(nfe)                      # times (ODE) or a respaced schedule (diffusion)
     solution = sampler(fn, x, grid, callback=None, generator=None)   # -> Solution(x, nfe)
 
-``fn`` is a closure over the model, built by ``evaluation.sampling.model_fn`` for the call the
+``fn`` is a closure over the model, built by ``evaluation.sample_generation.model_fn`` for the call the
 sampler declares in ``calls``: ``velocity(x, t[, r])`` for ODE solvers (time runs from noise at
 t = 0 to data at t = 1; with r it is MeanFlow's average velocity from t to r), or
 ``denoiser(x, t) -> (eps, var_values | None)`` for diffusion samplers. Conditioning and guidance

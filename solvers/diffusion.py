@@ -6,7 +6,7 @@ Every sampler is ``sample_xxx(denoiser, x_T, schedule, generator=None, callback=
 learned variance (DDPM then uses the fixed posterior variance). ``x_T`` is standard normal noise,
 ``schedule`` is a respaced ``DiffusionSchedule`` and ``callback(t, x)`` sees the DDPM-space state
 after each step. Guidance and conditioning live in the denoiser
-(``evaluation.sampling.guided_denoiser``), so samplers never see a model. ``DiffusionSampler``
+(``evaluation.sample_generation.guided_denoiser``), so samplers never see a model. ``DiffusionSampler``
 binds one of them to its schedule behind the common sampler contract (solvers/base.py).
 
 What runs the update, and why:
@@ -21,10 +21,10 @@ What runs the update, and why:
   ``x_sigma = x * sqrt(1 + sigma^2)``, ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``. diffusers'
   versions tie the model's timestep to the scheduler's own (rounded, for DPM++ with Karras
   sigmas) timesteps of the respaced process, whereas a Karras grid needs the original timestep of
-  each sigma (``schedule.sigma_to_timestep``); each is a few lines, and the tests check them
-  against ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler`` and
-  ``DPMSolverMultistepScheduler`` driven on the same grid. No x_start clipping here (GLIDE clips
-  only in its own DDPM/DDIM samplers).
+  each sigma (``schedule.sigma_to_timestep``). Each is a step function on one shared loop
+  (``_sample_sigma``), and the tests check them against ``EulerDiscreteScheduler``,
+  ``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` driven on the same grid.
+  No x_start clipping here (GLIDE clips only in its own DDPM/DDIM samplers).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +40,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import Tensor
 
+from paths.diffusion_schedule import DiffusionSchedule, betas_for
 from solvers.base import Callback, Denoiser, Sampler, Solution
-from solvers.diffusion_schedule import DiffusionSchedule, betas_for
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -143,15 +144,39 @@ def sigma_grid(schedule: DiffusionSchedule, karras: bool = False, rho: float = 7
     return torch.cat([descending, descending.new_zeros(1)])
 
 
-def _denoised(denoiser: Denoiser, x: Tensor, sigma: float, schedule: DiffusionSchedule) -> tuple[Tensor, Tensor]:
-    """The x_start prediction for a sigma-space state, and the original timestep used for it."""
-    t = schedule.sigma_to_timestep(torch.tensor(sigma)).float()
-    eps, _ = denoiser(x / math.sqrt(1 + sigma**2), t)
-    return x - sigma * eps, t
-
-
 def _to_ddpm(x: Tensor, sigma: float) -> Tensor:
+    """A sigma-space state in DDPM space, where the denoiser and the callback see it."""
     return x / math.sqrt(1 + sigma**2)
+
+
+_SigmaStep = Callable[[Tensor, Tensor, float, float], Tensor]
+"""One sigma-space update ``(x, denoised, sigma, sigma_next) -> x at sigma_next``."""
+
+
+def _sample_sigma(
+    step: _SigmaStep,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DiffusionSchedule,
+    callback: Callback | None,
+    karras: bool,
+) -> Tensor:
+    """The loop shared by the sigma-space samplers: x_T scaled to the grid's first sigma, then per step
+    one denoiser call at the sigma's original timestep (its x_start prediction goes to ``step``)."""
+    sigmas = sigma_grid(schedule, karras).tolist()
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        t = schedule.sigma_to_timestep(torch.tensor(sigma)).float()
+        eps, _ = denoiser(_to_ddpm(x, sigma), t)
+        x = step(x, x - sigma * eps, sigma, sigma_next)
+        if callback is not None:
+            callback(t, _to_ddpm(x, sigma_next))
+    return x
+
+
+def _euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """Euler along the ODE direction ``dx/dsigma = (x - denoised) / sigma``."""
+    return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
 def sample_euler(
@@ -163,14 +188,7 @@ def sample_euler(
     karras: bool = False,
 ) -> Tensor:
     """Euler on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 1 without churn)."""
-    sigmas = sigma_grid(schedule, karras).tolist()
-    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        denoised, t = _denoised(denoiser, x, sigma, schedule)
-        x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        if callback is not None:
-            callback(t, _to_ddpm(x, sigma_next))
-    return x
+    return _sample_sigma(_euler_step, denoiser, x_T, schedule, callback, karras)
 
 
 def sample_euler_ancestral(
@@ -183,18 +201,36 @@ def sample_euler_ancestral(
 ) -> Tensor:
     """Ancestral Euler in sigma space (k-diffusion's ``sample_euler_ancestral``, eta = 1): a
     deterministic step down to sigma_down, then fresh noise of sigma_up."""
-    sigmas = sigma_grid(schedule, karras).tolist()
-    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        denoised, t = _denoised(denoiser, x, sigma, schedule)
+
+    def step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
         sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
         sigma_down = sigma_next**2 / sigma  # = sqrt(sigma_next^2 - sigma_up^2), without cancellation
-        x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        if sigma_next > 0:
-            x = x + sigma_up * _randn_like(x, generator)
-        if callback is not None:
-            callback(t, _to_ddpm(x, sigma_next))
-    return x
+        x = _euler_step(x, denoised, sigma, sigma_down)
+        return x + sigma_up * _randn_like(x, generator) if sigma_next > 0 else x
+
+    return _sample_sigma(step, denoiser, x_T, schedule, callback, karras)
+
+
+@dataclass
+class _DPMpp2MStep:
+    """One DPM-Solver++(2M) update, keeping the previous step's x_start prediction and log-sigma step."""
+
+    old_denoised: Tensor | None = None
+    h_last: float = 0.0
+
+    def __call__(self, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        if sigma_next == 0:
+            x = denoised  # the exact limit of the update as h -> inf
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            target = denoised
+            if self.old_denoised is not None:
+                r = self.h_last / h
+                target = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * self.old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * target
+            self.h_last = h
+        self.old_denoised = denoised
+        return x
 
 
 def sample_dpmpp_2m(
@@ -207,26 +243,7 @@ def sample_dpmpp_2m(
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in sigma space with lambda = -log(sigma), as
     k-diffusion's ``sample_dpmpp_2m``: first order on the first step and the step to sigma = 0."""
-    sigmas = sigma_grid(schedule, karras).tolist()
-    x = x_T * math.sqrt(1 + sigmas[0] ** 2)
-    old_denoised: Tensor | None = None
-    h_last = 0.0
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        denoised, t = _denoised(denoiser, x, sigma, schedule)
-        if sigma_next == 0:
-            x = denoised  # the exact limit of the update as h -> inf
-        else:
-            h = math.log(sigma) - math.log(sigma_next)
-            target = denoised
-            if old_denoised is not None:
-                r = h_last / h
-                target = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * target
-            h_last = h
-        old_denoised = denoised
-        if callback is not None:
-            callback(t, _to_ddpm(x, sigma_next))
-    return x
+    return _sample_sigma(_DPMpp2MStep(), denoiser, x_T, schedule, callback, karras)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {

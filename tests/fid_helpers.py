@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.fid import FeatureExtractor
+from evaluation.inception_features import FeatureExtractor
 
 
 def tiny_extractor(mode: str = "legacy_tensorflow", dims: int = 16) -> FeatureExtractor:

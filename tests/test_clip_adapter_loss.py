@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from losses.clip_adapter_kl import ClipAdapterKLLoss
-from solvers.diffusion_schedule import mean_flat
+from paths.diffusion_schedule import mean_flat
 
 
 class ToyAdapted(nn.Module):

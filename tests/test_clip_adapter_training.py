@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 
 from adapters.clip_encoder import FrozenClip
-from adapters.clip_training import ClipAdapterTraining
+from adapters.glide_clip import GlideClipUNet
 from dataloaders.clip_cache import CacheInfo, clip_path, stored_pretrained, write_clip_file
 from models.glide import GlideUNet
-from models.glide_clip import GlideClipUNet
 from scripts import sample_glide
 from tests.clip_helpers import register_tiny_clip, tiny_clip_weights
 from tests.conftest import GLIDE_DATA
-from training import train as train_module
+from training import run as run_module
+from training.callbacks.clip_adapter import ClipAdapterTraining
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
 from training.train import train
@@ -105,9 +105,11 @@ def adapter_cfg(make_cfg, patches: Path, clip_model: tuple[str, Path], base: Pat
         f"dataloaders.root={patches}", f"dataloaders.tokenizer.vocab_dir={GLIDE_DATA}", "dataloaders.image_size=16",
         "dataloaders.num_workers=0", "dataloaders.num_eval=8", "dataloaders.batch_size=8", "precision=fp32",
         "eval.every_epochs=0", "eval.samples_per_prompt=1", "solver.respacing='4'", "lr_schedule=constant",
-        "trainer.log_every=5", "model.adapter_warmup_steps=1", "adapter.adapter_lr=3e-3", "loss.cond_dropout=0",
+        "trainer.log_every=5", "model.adapter_warmup_steps=1", "adapter_training.adapter_lr=3e-3",
+        "loss.cond_dropout=0",
         "eval.guidance_scale=1",
-        "adapter.early_stop_every=0", "adapter.dry_run_interval=0", "adapter.spike_factor=0",
+        "adapter_training.early_stop_every=0", "adapter_training.dry_run_interval=0",
+        "adapter_training.spike_factor=0",
         "checkpoint.archive_every_epochs=0", "epochs=100", *overrides,
     )  # fmt: skip
 
@@ -131,7 +133,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(train_module, "make_tracker", lambda *a, **k: rec)
+    monkeypatch.setattr(run_module, "make_tracker", lambda *a, **k: rec)
     return rec
 
 
@@ -167,9 +169,9 @@ def test_the_adapter_lowers_the_loss_and_without_it_glide_is_unchanged(
     alpha_bar / (1 - alpha_bar) ~ 1e-3; an adapter given the same embedding for every image lowers the
     loss as much (measured in the issue note), so here the drop is the adapter's added capacity, not the
     colour. Eps-MSE moves little for a label-like condition; this test checks the machinery, the
-    README says what the loss can and cannot show."""
-    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=adapter_gates", "epochs=25",
-                      "adapter.adapter_lr=2e-2")  # fmt: skip
+    docs/clip-adapter.md says what the loss can and cannot show."""
+    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter_training.phase=adapter_gates", "epochs=25",
+                      "adapter_training.adapter_lr=2e-2")  # fmt: skip
     _, objects = train(cfg)
     model: GlideClipUNet = objects["model"].eval()
     batch = objects["data"].eval_batch(torch.device("cpu"))
@@ -210,8 +212,8 @@ def test_each_phase_trains_exactly_its_parameter_set(
         "full": ("adapter_mlp", "clip_attention", "glide_unet"),
     }
     for phase, sets in expected.items():
-        cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, f"adapter.phase={phase}", "max_steps=3",
-                          f"run_name={phase}", "adapter.main_lr=1e-3")  # fmt: skip
+        cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, f"adapter_training.phase={phase}", "max_steps=3",
+                          f"run_name={phase}", "adapter_training.main_lr=1e-3")  # fmt: skip
         _, objects = train(cfg)
         start = starts[-1]
         model: GlideClipUNet = objects["model"]
@@ -233,9 +235,9 @@ def test_each_phase_trains_exactly_its_parameter_set(
 def test_full_phase_can_train_the_text_encoder_and_clips_each_group(
     make_cfg, patches, clip_model, base_weights, recorder: Recorder
 ) -> None:
-    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=full", "max_steps=5",
-                      "adapter.freeze_glide_text_encoder=false", "adapter.adapter_grad_clip=1e-4",
-                      "adapter.main_grad_clip=1e-3", "adapter.main_lr=1e-4")  # fmt: skip
+    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter_training.phase=full", "max_steps=5",
+                      "adapter_training.freeze_glide_text_encoder=false", "adapter_training.adapter_grad_clip=1e-4",
+                      "adapter_training.main_grad_clip=1e-3", "adapter_training.main_lr=1e-4")  # fmt: skip
     _, objects = train(cfg)
     model: GlideClipUNet = objects["model"]
     text = {name for name, _ in model.parameter_sets()["glide_text_encoder"]}
@@ -267,10 +269,11 @@ def test_dry_runs_and_early_stopping_run_inside_training(
 ) -> None:
     """Phase full at a reckless GLIDE learning rate: the baseline degrades, training stops early and the
     weights of the best check come back; every dry run found the gate-0 CLIP path exactly inert."""
-    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=full", "adapter.main_lr=3e-2",
-                      "adapter.main_grad_clip=null", "max_steps=60", "adapter.early_stop_every=2",
-                      "adapter.early_stop_threshold=0.05", "adapter.patience=2",
-                      "adapter.dry_run_interval=1")  # fmt: skip
+    cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter_training.phase=full",
+                      "adapter_training.main_lr=3e-2",
+                      "adapter_training.main_grad_clip=null", "max_steps=60", "adapter_training.early_stop_every=2",
+                      "adapter_training.early_stop_threshold=0.05", "adapter_training.patience=2",
+                      "adapter_training.dry_run_interval=1")  # fmt: skip
     _, objects = train(cfg)
     trainer = objects["trainer"]
     assert trainer.stop_reason is not None and "early stopping" in trainer.stop_reason
@@ -291,7 +294,7 @@ def test_a_loss_spike_rolls_back_to_the_last_good_state(make_cfg, patches, clip_
     """A spike factor below 1 makes every log point after the window fills a 'spike': each one must put the
     weights back to the last good state, so training after that point changes nothing."""
     cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=12", "trainer.log_every=1",
-                      "adapter.spike_factor=1e-6", "adapter.spike_window=5")  # fmt: skip
+                      "adapter_training.spike_factor=1e-6", "adapter_training.spike_window=5")  # fmt: skip
     _, objects = train(cfg)
     callback = objects["trainer"].callbacks[0]
     assert callback.rollbacks == 12 - 5
@@ -302,7 +305,7 @@ def test_a_loss_spike_rolls_back_to_the_last_good_state(make_cfg, patches, clip_
 
 def test_adapter_files_resume_and_the_phase_chain(make_cfg, patches, clip_model, base_weights, tmp_path) -> None:
     cfg = adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=6", "run_name=p1", "deterministic=true",
-                      "adapter.early_stop_every=3", "adapter.dry_run_interval=3")  # fmt: skip
+                      "adapter_training.early_stop_every=3", "adapter_training.dry_run_interval=3")  # fmt: skip
     _, whole = train(cfg)
     ckpt_dir = whole["checkpoint"].parent
     raw, ema = ckpt_dir / "last.adapter.safetensors", ckpt_dir / "last.adapter_ema.safetensors"
@@ -311,11 +314,12 @@ def test_adapter_files_resume_and_the_phase_chain(make_cfg, patches, clip_model,
 
     # stopped at step 3 and resumed: the same weights as the run that went through
     first = adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=3", "run_name=p1b",
-                        "deterministic=true", "adapter.early_stop_every=3", "adapter.dry_run_interval=3")  # fmt: skip
+                        "deterministic=true", "adapter_training.early_stop_every=3",
+                        "adapter_training.dry_run_interval=3")  # fmt: skip
     train(first)
     resumed = adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=6", "run_name=p1b",
-                          "deterministic=true", "adapter.early_stop_every=3", "adapter.dry_run_interval=3",
-                          "resume=true")  # fmt: skip
+                          "deterministic=true", "adapter_training.early_stop_every=3",
+                          "adapter_training.dry_run_interval=3", "resume=true")  # fmt: skip
     _, again = train(resumed)
     a, b = whole["model"].adapter_state_dict(), again["model"].adapter_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -323,7 +327,7 @@ def test_adapter_files_resume_and_the_phase_chain(make_cfg, patches, clip_model,
     # a resume in another phase is refused (the optimizer groups differ): the next phase is a new run
     with pytest.raises(UserError, match="start the next phase as a new run"):
         train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "max_steps=8", "run_name=p1b", "resume=true",
-                          "adapter.phase=adapter_gates"))  # fmt: skip
+                          "adapter_training.phase=adapter_gates"))  # fmt: skip
 
     # phase 2 starts from phase 1's adapter file: same adapter weights, warmup step carried on
     phase2 = adapter_cfg(make_cfg, patches, clip_model, base_weights, "previous_run=p1", "run_name=p2",
@@ -335,8 +339,8 @@ def test_adapter_files_resume_and_the_phase_chain(make_cfg, patches, clip_model,
 
 
 def test_bad_adapter_setups_are_one_line_errors(make_cfg, patches, clip_model, base_weights, tmp_path) -> None:
-    with pytest.raises(UserError, match="adapter.phase"):
-        train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter.phase=everything"))
+    with pytest.raises(UserError, match="adapter_training.phase"):
+        train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "adapter_training.phase=everything"))
     with pytest.raises(UserError, match="unknown open_clip model 'ViT-Q-14'; did you mean"):
         train(adapter_cfg(make_cfg, patches, clip_model, base_weights, "model.clip_model_name=ViT-Q-14",
                           "dataloaders.clip_cache.model_name=ViT-Q-14"))  # fmt: skip

@@ -1,5 +1,5 @@
 """The CLIP embedding cache end to end: precompute_clip.py on a caption folder and on WebDataset shards,
-the loaders' cond["clip"], misses, refusals of a cache built otherwise, validate_clip_cache.py, eval_batch.
+the loaders' cond["clip"], misses, refusals of a cache built otherwise, precompute_clip.py --validate, eval_batch.
 
 Tiny CLIP models of the real families (tests/clip_helpers.py) stand in for ViT-L-14 and ViT-B-32."""
 
@@ -28,8 +28,9 @@ from dataloaders.clip_cache import (
     shard_cache_root,
     write_clip_file,
 )
+from dataloaders.clip_cache_writer import clip_input
 from dataloaders.webdataset import WebDatasetData
-from scripts import precompute_clip, validate_clip_cache
+from scripts import precompute_clip
 from tests.clip_helpers import register_tiny_clip, tiny_clip_weights
 from tests.test_caption_data import STAND_IN, WordTokenizer, encode, photos, shards, variants  # noqa: F401
 
@@ -97,7 +98,7 @@ def precompute(*args: str) -> int:
 
 
 def validate(*args: str) -> int:
-    return validate_clip_cache.main(list(args))
+    return precompute_clip.main(["--validate", *args])
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +430,7 @@ def test_image_embeddings_load_and_image_misses_encode_the_crops(folder: Path, l
     (batch,) = list(loader)  # every pair, img0 among them
     assert loader.stats["clip_miss"] == 1
     assert torch.allclose(batch["cond"]["clip"].norm(dim=-1), torch.ones(7), atol=1e-5)
-    image = precompute_clip.clip_input(load_image(root / "sub" / "img1.jpg"), large.clip.transform)  # (3, 28, 28)
+    image = clip_input(load_image(root / "sub" / "img1.jpg"), large.clip.transform)  # (3, 28, 28)
     embedding, _ = read_clip_file(root / "sub" / "img1.clip")
     direct = large.clip.encode_image(image[None].float() / 127.5 - 1)
     assert image.shape == (3, 28, 28) and torch.allclose(embedding.float(), direct[0], atol=FP16)

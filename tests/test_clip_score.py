@@ -17,8 +17,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import Tensor
 
+from adapters.open_clip_loader import CLIPImageTransform
 from evaluation.clip_score import (
-    CLIPImageTransform,
     CLIPScore,
     CLIPScoreError,
     CLIPWeightsNotFoundError,

@@ -15,9 +15,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from torch import Tensor, nn
 
-from evaluation.sampling import guided_denoiser, sample
+from evaluation.sample_generation import guided_denoiser, sample
 from losses.diffusion import DiffusionLoss
 from models.conditioning import drop_condition, null_condition
+from paths.diffusion_schedule import DiffusionSchedule, betas_for, space_timesteps
 from solvers.diffusion import (
     SAMPLERS,
     SIGMA_SAMPLERS,
@@ -29,7 +30,6 @@ from solvers.diffusion import (
     sample_euler_ancestral,
     sigma_grid,
 )
-from solvers.diffusion_schedule import DiffusionSchedule, betas_for, space_timesteps
 
 torch.set_num_threads(2)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from evaluation.clip_score import CLIPScore
-from evaluation.fid import Statistics
+from evaluation.fid_statistics import Statistics
 from scripts import fid_stats, score_samples
 from tests.fid_helpers import digit_images, tiny_extractor, write_folder
 from tests.test_clip_score import PROMPTS, flat_images, one_thread, tiny  # noqa: F401  (fixtures)

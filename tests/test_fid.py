@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluation.fid as fid_module
+import evaluation.inception_features as inception
 from evaluation.errors import EvaluationError
-from evaluation.fid import Statistics, features, fid, kid, list_images, load_inception
-from evaluation.fid_reference import folder_statistics, reference_statistics, stats_path
+from evaluation.fid_reference_stats import folder_statistics, reference_statistics, stats_path
+from evaluation.fid_statistics import Statistics, fid, kid
+from evaluation.inception_features import features, list_images, load_inception
 from tests.fid_helpers import digit_images, tiny_extractor, write_folder
 
 N = 96  # images per set: above the test features' 16 dimensions
@@ -78,7 +79,7 @@ def test_statistics_round_trip_through_the_cache(sets: dict[str, Path], tmp_path
     path = stats_path(tmp_path, "digits", "legacy_tensorflow")
     assert path.exists() and not path.with_name("digits_legacy_tensorflow.partial").exists()
     # by name, by file and by folder: loaded, not recomputed
-    monkeypatch.setattr("evaluation.fid_reference.features", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("evaluation.fid_reference_stats.features", lambda *a, **k: pytest.fail("recomputed"))
     for spec in ("digits", str(path)):
         loaded = reference_statistics(spec, extractor, tmp_path)
         np.testing.assert_array_equal(loaded.mu, made.mu)
@@ -92,7 +93,7 @@ def test_statistics_round_trip_through_the_cache(sets: dict[str, Path], tmp_path
         )
     monkeypatch.undo()
     first = reference_statistics(str(sets["same"]), extractor, tmp_path, progress=False)
-    monkeypatch.setattr("evaluation.fid_reference.features", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("evaluation.fid_reference_stats.features", lambda *a, **k: pytest.fail("recomputed"))
     again = reference_statistics(str(sets["same"]), extractor, tmp_path)
     np.testing.assert_array_equal(first.mu, again.mu)
 
@@ -105,8 +106,8 @@ def test_feature_extraction_resumes_from_its_chunks(sets: dict[str, Path], tmp_p
     assert sorted(p.name for p in cache.glob("*.npy")) == ["00000.npy", "00001.npy", "00002.npy"]
     (cache / "00002.npy").unlink()  # as if interrupted during the last chunk
     calls = []
-    real = fid_module.get_files_features
-    monkeypatch.setattr(fid_module, "get_files_features", lambda f, *a, **k: calls.append(len(f)) or real(f, *a, **k))
+    real = inception.get_files_features
+    monkeypatch.setattr(inception, "get_files_features", lambda f, *a, **k: calls.append(len(f)) or real(f, *a, **k))
     resumed = features(files, extractor, cache_dir=cache, chunk_size=32, progress=False)
     assert calls == [32]
     np.testing.assert_array_equal(resumed, full)
@@ -139,7 +140,7 @@ def test_too_few_samples_warn_that_the_estimate_is_biased(sets: dict[str, Path],
     extractor = tiny_extractor()
     feats = features(list_images(sets["reference"])[:10], extractor, progress=False)
     few = Statistics.from_features(feats, extractor.mode, extractor.name, "16x16", source="ten")
-    with caplog.at_level(logging.WARNING, logger="evaluation.fid"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.fid_statistics"):
         fid(few, stats_of(sets["reference"]))
     assert "10 images from ten for 16-dim features" in caplog.text and "biased" in caplog.text
 
@@ -173,12 +174,12 @@ def test_bad_folders_name_the_problem(tmp_path: Path) -> None:
 def test_missing_inception_weights_name_the_download(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(EvaluationError, match="inception_path=.*no file there; download https://"):
         load_inception("clean", tmp_path / "nowhere.pt")
-    monkeypatch.setattr(fid_module, "CLEANFID_INCEPTION_DIR", tmp_path)
+    monkeypatch.setattr(inception, "CLEANFID_INCEPTION_DIR", tmp_path)
 
     def offline(fpath: str) -> str:
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(fid_module, "check_download_inception", offline)
+    monkeypatch.setattr(inception, "check_download_inception", offline)
     with pytest.raises(EvaluationError, match="no network .*eval.fid.inception_path=PATH"):
         load_inception("clean")
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded left behind
@@ -189,12 +190,12 @@ def test_missing_inception_weights_name_the_download(tmp_path: Path, monkeypatch
         load_inception("legacy_pytorch", tmp_path / "fake.pt")
 
 
-INCEPTION = Path(os.environ.get("DZ_INCEPTION_PATH", fid_module.CLEANFID_INCEPTION_DIR / fid_module.INCEPTION_FILE))
+INCEPTION = Path(os.environ.get("DZ_INCEPTION_PATH", inception.CLEANFID_INCEPTION_DIR / inception.INCEPTION_FILE))
 
 
 @pytest.mark.skipif(
     not INCEPTION.is_file(),
-    reason=f"FID Inception weights not at {INCEPTION} (set DZ_INCEPTION_PATH; download {fid_module.inception_url})",
+    reason=f"FID Inception weights not at {INCEPTION} (set DZ_INCEPTION_PATH; download {inception.inception_url})",
 )
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
 def test_real_inception(sets: dict[str, Path], mode: str) -> None:

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from evaluation.errors import EvaluationError
-from evaluation.sample_folder import MANIFEST, write_samples
-from evaluation.sampling import ImageSampler
+from evaluation.sample_folder_writer import MANIFEST, write_samples
+from evaluation.sample_generation import ImageSampler
 from solvers.fixed_step import Euler
 from tests.fid_helpers import digit_images, write_folder
 from tests.test_images import TINY_IMAGE, TINY_UNET

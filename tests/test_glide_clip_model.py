@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from adapters.glide_clip import GlideClipUNet, glide_clip_base, is_adapter_key
 from adapters.open_clip_loader import ClipModelError, architecture_dim
 from models import glide
 from models.glide import GlideUNet
-from models.glide_clip import GlideClipUNet, glide_clip_base, is_adapter_key
 from tests.clip_helpers import register_tiny_clip
 from tests.test_glide_model import TINY, TINY_UPSAMPLE, inputs, manifest, one_line_error, perturb_, tiny, tiny_upsample
 

@@ -123,7 +123,7 @@ def test_upsampler_fine_tuning_and_chained_sampling(make_cfg, captioned: Path, t
 
 
 def test_sampling_is_deterministic_and_guidance_one_is_conditional(make_cfg, captioned: Path) -> None:
-    from evaluation.sampling import sample
+    from evaluation.sample_generation import sample
     from solvers.diffusion import DiffusionSampler
 
     _, objects = train(glide_cfg(make_cfg, captioned, "max_steps=2"))
@@ -170,8 +170,8 @@ def test_a_run_resumes_from_its_step_checkpoint(make_cfg, captioned: Path) -> No
 def test_prompt_grid_logs_the_clip_score_of_its_samples(tiny, tmp_path: Path) -> None:  # noqa: F811
     """eval.clip scores each grid's samples against their prompts (a tiny CLIP trained on colours)."""
     from dataloaders.base import HeldOut
-    from evaluation.context import EvalContext
-    from evaluation.prompt_eval import PromptGridEval
+    from evaluation.contract import EvalContext
+    from evaluation.prompt_grid_evaluators import PromptGridEval
     from models.glide_tokenizer import GlideTokenizer
     from solvers.base import Sampler, Solution
 

@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from dataloaders.images import DigitsData
-from evaluation.sampling import sample, to_unit_range
+from evaluation.sample_generation import sample, to_unit_range
 from training.errors import UserError
 from training.train import train
 

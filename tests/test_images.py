@@ -11,9 +11,9 @@ from torch import nn
 
 from dataloaders.base import HeldOut
 from dataloaders.images import DigitsData, FolderData
-from evaluation.context import EvalContext
-from evaluation.sample_eval import ImageEval
-from evaluation.sampling import velocity_of
+from evaluation.contract import EvalContext
+from evaluation.image_evaluator import ImageEval
+from evaluation.sample_generation import velocity_of
 from solvers.fixed_step import Euler
 from training.errors import UserError
 from training.train import train

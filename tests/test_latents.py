@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from adapters.vae import SDVAE
 from dataloaders.images import image_transform
 from dataloaders.latents import LatentData
-from models.vae import SDVAE
 from scripts.precompute_latents import main as precompute_latents
 from training.errors import UserError
 from training.train import train
@@ -130,7 +130,7 @@ def test_precompute_writes_flipped_shards_and_a_manifest_and_resumes(image_folde
     assert not torch.allclose(shard["latents"][0], shard["latents"][16])
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*")}
-    caplog.set_level(logging.INFO, logger="precompute_latents")
+    caplog.set_level(logging.INFO, logger="dataloaders.latents")
     assert precompute(image_folder, vae_dir, out, "--shard-size", "16") == 0  # a finished run: nothing to encode
     assert "skipping 3 finished shards" in caplog.text and "wrote" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*")} == mtimes

@@ -149,7 +149,7 @@ class Assets:
 
     @functools.cached_property
     def latents(self) -> Path:
-        from models.vae import SDVAE
+        from adapters.vae import SDVAE
         from tests.test_latents import TINY_VAE, precompute
 
         torch.manual_seed(0)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.sampling import velocity_of
+from evaluation.sample_generation import velocity_of
 from losses.meanflow import MeanFlowLoss
 from models.mlp import MLP
+from paths.time import LogitNormalTimeSampler
 from solvers.meanflow import MeanFlowSolver
 from training.errors import UserError
 from training.train import train
@@ -30,7 +31,9 @@ class SinglePointAverageVelocity(nn.Module):
 def test_loss_vanishes_for_the_exact_average_velocity(full_batch_jvp):
     torch.manual_seed(0)
     c = torch.tensor([1.5, -2.0], dtype=torch.float64)
-    loss_fn = MeanFlowLoss(ratio=0.5, full_batch_jvp=full_batch_jvp, mu=0.0, sigma=0.5)
+    loss_fn = MeanFlowLoss(
+        ratio=0.5, full_batch_jvp=full_batch_jvp, time_sampler=LogitNormalTimeSampler(mean=0.0, std=0.5)
+    )
     out = loss_fn(SinglePointAverageVelocity(c), {"x1": c.expand(256, 2).clone()})
     assert out.metrics["meanflow/mse"].item() < 1e-20  # float64 end to end
     assert out.metrics["meanflow/dudt_norm"].item() > 0  # the jvp really ran and was not zero
@@ -169,7 +172,7 @@ def test_loss_metrics_reach_the_tracker_as_window_means():
         model, MeanFlowLoss(), optimizer, warmup_constant(optimizer, 8), Precision("fp32"), torch.device("cpu"),
         tracker, log_every=4,
     )  # fmt: skip
-    trainer.fit(TensorLoader(torch.randn(256, 2), 32, seed=0), epochs=1, max_steps=None, on_epoch_end=lambda e: None)
+    trainer.fit(TensorLoader(torch.randn(256, 2), 32, seed=0), epochs=1, max_steps=None)
     assert [step for step, _ in tracker.logged] == [4, 8]
     for _, metrics in tracker.logged:
         assert metrics["train/meanflow/mse"] > 0 and metrics["train/meanflow/dudt_norm"] > 0

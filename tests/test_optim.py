@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from training import checkpointing
-from training import train as train_module
+from training import run as run_module
+from training.callbacks import checkpointing
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
 from training.optim import param_groups
@@ -82,7 +82,7 @@ def test_a_group_with_its_own_grad_clip_is_clipped_and_logged_on_its_own(make_cf
         def finish(self) -> None:
             pass
 
-    monkeypatch.setattr(train_module, "make_tracker", lambda *a, **k: Recorder())
+    monkeypatch.setattr(run_module, "make_tracker", lambda *a, **k: Recorder())
     cfg = make_cfg("max_steps=4", "trainer.log_every=2", "trainer.grad_clip=null",
                    "param_groups=[{pattern: '^net\\.0\\.', grad_clip: 1e-6, name: first}]")  # fmt: skip
     _, objects = train(cfg)

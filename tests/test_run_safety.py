@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from tests.test_scripts import ROOT
+from training.callbacks.stopping import RunControl
 from training.checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from training.compose import compose_config
 from training.errors import NonFiniteLossError, RunInterrupted, UserError
 from training.run_lock import RunLock
-from training.stopping import RunControl
 from training.train import train
 
 CKPT = ("outputs", "ckpts", "mlp")
-SIGNAL_AT = ("+adapter._target_=helpers.SignalAt", "+adapter.step=11")
+SIGNAL_AT = ("+adapter_training._target_=helpers.SignalAt", "+adapter_training.step=11")
 
 
 def last(tmp_path: Path, run: str = "test") -> Path:
@@ -113,14 +113,14 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(make_cfg, tmp_path):
         r"^stopped at once at step 11 by a second Ctrl-C; .*last.pt holds the last checkpoint written; resume with: "
     )
     with pytest.raises(RunInterrupted, match=message + "python launcher.py run_name=test"):
-        train(make_cfg("epochs=3", *SIGNAL_AT, "+adapter.signals=[SIGINT,SIGINT]"))
+        train(make_cfg("epochs=3", *SIGNAL_AT, "+adapter_training.signals=[SIGINT,SIGINT]"))
     assert load_checkpoint(last(tmp_path), builds=False)["step"] == 8  # the epoch-1 checkpoint; step 11 was not written
     assert "interrupted at step 11 (stopped at once)" in (tmp_path / "EXPERIMENT_LOG.md").read_text()
 
 
 def test_the_signal_handler_restores_the_previous_one_and_a_second_sigint_raises():
     before = signal.getsignal(signal.SIGTERM)
-    with RunControl(lambda: None) as control:
+    with RunControl(None) as control:
         control._handle(signal.SIGINT, None)
         assert control.received == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
@@ -147,7 +147,7 @@ def test_every_minutes_checkpoints_inside_a_long_epoch(make_cfg, tmp_path):
     # a whole run in one epoch, no epoch checkpoint before a Ctrl-C pair ends it at step 11
     with pytest.raises(RunInterrupted):
         train(make_cfg("epochs=1", "dataloaders.num_train=2048", "checkpoint.every_minutes=1e-9", *SIGNAL_AT,
-                       "+adapter.signals=[SIGINT,SIGINT]"))  # fmt: skip
+                       "+adapter_training.signals=[SIGINT,SIGINT]"))  # fmt: skip
     assert (
         load_checkpoint(last(tmp_path), builds=False)["step"] == 9
     )  # written at step 9, good once step 10's loss was finite
@@ -163,7 +163,8 @@ def test_a_preempted_modal_container_fails_its_call_so_the_retry_resumes(tmp_pat
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     spec = mb.ModalSpec.from_config(compose_config(["run_name=r", "backend=modal"]).backend)
     overrides = mb.container_overrides(["run_name=pre", *SMALL, "max_steps=20", "trackio.enabled=false",
-                                        "+adapter._target_=helpers.SignalAt", "+adapter.step=3"], spec)  # fmt: skip
+                                        "+adapter_training._target_=helpers.SignalAt",
+                                        "+adapter_training.step=3"], spec)  # fmt: skip
     with pytest.raises(RunInterrupted):
         mb.remote_train(overrides)
     result = mb.remote_train(overrides)  # Modal's retry of the call

@@ -1,6 +1,6 @@
 """SDXL LoRA end to end through train(cfg), on a tiny SDXL of the real layout saved as a diffusers
 folder (tests/sdxl_helpers.py) and a captioned folder the tests make; LoRA files checked with
-diffusers' own loader; generation, extraction and the latent/text cache through their scripts."""
+diffusers' own loader; generation, LoRA export and the latent/text cache through their scripts."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from adapters.sdxl import SDXLLoRA, is_lora_key
 from adapters.sdxl_components import SDXLWeightsError, load_components
 from adapters.sdxl_lora import KOHYA_FILE, LORA_FILE, lora_file_base
 from dataloaders.caption_preprocess import Preprocess
+from dataloaders.sdxl_cache_writer import SDXLEncoding, precompute_sdxl_cache
 from losses.sdxl import SDXLDiffusionLoss, min_snr_weights
-from scripts import extract_lora, generate, precompute_sdxl
+from scripts import export, generate, precompute_sdxl
 from tests.sdxl_helpers import FP32, save_tiny_sdxl
 from tests.test_caption_data import photos, shards  # noqa: F401  (fixtures)
 from training.checkpoint import load_checkpoint
@@ -139,8 +140,8 @@ def test_resume_continues_exactly_and_refuses_another_rank(make_cfg, sdxl: Path,
                        "model.lora_rank=8"))  # fmt: skip
 
 
-def test_extract_lora_writes_the_trained_weights(trained: dict, tmp_path: Path):
-    assert extract_lora.main([str(trained["checkpoint"]), "--out-dir", str(tmp_path), "--format", "both"]) == 0
+def test_export_lora_writes_the_trained_weights(trained: dict, tmp_path: Path):
+    assert export.main([str(trained["checkpoint"]), "--lora", "--out-dir", str(tmp_path), "--format", "both"]) == 0
     for name in (LORA_FILE, KOHYA_FILE):
         got, want = load_file(tmp_path / name), load_file(trained["checkpoint"].parent / "last_lora" / name)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -199,7 +200,7 @@ def test_a_latent_and_text_cache_trains_and_is_checked(make_cfg, sdxl: Path, cap
     entry = load_file(cache / "00.safetensors")
     assert entry["latents"].shape == (4, 8, 8) and entry["prompt_embeds"].shape == (77, 32)
     (cache / "03.safetensors").unlink()  # an interrupted run: only the missing entry is encoded again
-    counts = precompute_sdxl.precompute(precompute_sdxl_args(args))
+    counts = precompute_sdxl_cache(captioned, cache, SDXLEncoding(str(sdxl), image_size=SIZE, batch_size=3))
     assert counts["cached_before"] == 7 and counts["written"] == 1
     data = ["dataloaders=sdxl_cache", f"dataloaders.root={cache}"]
     metrics, objects = train(sdxl_cfg(make_cfg, sdxl, data, "run_name=cached", "max_steps=3"))
@@ -209,14 +210,6 @@ def test_a_latent_and_text_cache_trains_and_is_checked(make_cfg, sdxl: Path, cap
     other = save_tiny_sdxl(tmp_path / "other-sdxl", seed=1)
     with pytest.raises(UserError, match="encoded with other weights"):
         train(sdxl_cfg(make_cfg, other, data, "run_name=other", "max_steps=1"))
-
-
-def precompute_sdxl_args(args: list[str]):
-    import argparse
-
-    ns = argparse.Namespace(folder=args[1], pretrained=args[3], config=None, out=args[5], image_size=SIZE,
-                            batch_size=3, device="cpu", text_dtype="float32", seed=0)  # fmt: skip
-    return ns
 
 
 def test_text_encoder_lora_trains_both_encoders(make_cfg, sdxl: Path, captioned: Path):

@@ -53,7 +53,7 @@ def crafted(state: dict, case: str, marker: Path) -> dict:
                                  "tokenizer": {"_target_": "models.glide_tokenizer.GlideTokenizer"}}  # fmt: skip
     elif case == "run_name":  # not built, but resolved against when eval= is chosen
         config["run_name"] = "${oc.env:HOME}"
-    elif case == "sdxl":  # passes extract_lora's top-level check; the payload sits one level down
+    elif case == "sdxl":  # passes export --lora's top-level check; the payload sits one level down
         config["model"] = {"_target_": "adapters.sdxl.SDXLLoRA", "pretrained": payload(marker)}
     return state
 
@@ -83,14 +83,14 @@ def test_a_crafted_checkpoint_is_refused_by_eval_only_without_running_anything(g
     [
         ("export", ["--out", "{out}"]),
         ("visualize_2d", ["--out", "{out}", "--num-samples", "10"]),
-        ("extract_lora", ["--out-dir", "{out}"]),
+        ("export", ["--lora", "--out-dir", "{out}"]),
         ("sample_glide", ["--prompts", "{prompts}", "--out", "{out}/x.png", "--base"]),
     ],
 )
 def test_every_script_that_loads_a_checkpoint_refuses_a_crafted_one(genuine, tmp_path, capsys, script, args):
     marker = tmp_path / "pwned.txt"
     bad = tmp_path / "bad.pt"
-    case = "sdxl" if script == "extract_lora" else "nested"
+    case = "sdxl" if "--lora" in args else "nested"
     save_checkpoint(crafted(torch.load(genuine, weights_only=True), case, marker), bad)
     (tmp_path / "prompts.txt").write_text("a cat\n")
     filled = [a.format(out=tmp_path / "out", prompts=tmp_path / "prompts.txt") for a in args]

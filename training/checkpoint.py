@@ -19,6 +19,7 @@ import torch
 from models.fingerprint import tensor_digest
 from training.errors import UserError
 from training.trusted import check_file_config
+from training.upgrade import rename_targets, upgrade_config
 
 log = logging.getLogger(__name__)
 
@@ -175,25 +176,12 @@ def check_state(
     malformed = [name for name, node in nodes.items() if not isinstance(node, dict)]
     if malformed:
         raise UserError(f"{what} {path} has a malformed {malformed[0]}; it is damaged: use another checkpoint")
+    state["config"] = config = upgrade_config(config)
+    if isinstance(state.get("sampling", {}).get("solver"), dict):
+        state["sampling"]["solver"] = rename_targets(state["sampling"]["solver"])
     if builds:
         check_file_config(config, state.get("sampling"), Path(path), what, trusted)
-    if isinstance(config.get("loss"), dict):
-        state["config"]["loss"] = upgrade_loss_config(state["config"]["loss"])
     return state
-
-
-LEGACY_DROPOUT = ("uncond_p", "class_dropout", "caption_dropout")  # each loss's name before cond_dropout
-
-
-def upgrade_loss_config(loss: dict[str, Any]) -> dict[str, Any]:
-    """A loss config written before ``cond_dropout`` in today's names, so such runs resume and re-score:
-    its dropout key becomes ``cond_dropout`` (0 where it had none, as it trained), and MeanFlow's
-    ``num_classes`` (now the data's) goes."""
-    if "cond_dropout" in loss:
-        return loss
-    old = [k for k in LEGACY_DROPOUT if k in loss]
-    upgraded = {k: v for k, v in loss.items() if k not in (*LEGACY_DROPOUT, "num_classes")}
-    return {**upgraded, "cond_dropout": loss[old[0]] if old else 0.0}  # fm had none: it trained without
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,6 +45,15 @@ class Spec:
     solver_settings: Mapping[str, Any] | None = None
     nfe: tuple[int, ...] = ()  # the evaluator's NFE budgets
 
+    @property
+    def data_kind(self) -> str:
+        return declared(self.classes["dataloaders"], "kind", "")
+
+    @property
+    def output(self) -> str:
+        """What the model predicts: ``field``, ``eps_var`` or ``pipeline``."""
+        return declared(self.classes["model"], "output", "")
+
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any], names: Mapping[str, str]) -> Spec:
         node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
@@ -106,18 +115,22 @@ def _data_conditioning(spec: Spec) -> str:
 def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
     """The first reason the pieces do not fit, as one line; None when they do."""
     options = _LazyOptions() if options is None else options
-    n, c = spec.names, spec.classes
-    model, loss, sampler, data, ev = (c[g] for g in GROUPS)
-    data_kind = declared(data, "kind", "")
-    model_kinds, output = declared(model, "data_kinds"), declared(model, "output", "")
-    traits = declared(model, "traits")
+    return next((reason for check in CHECKS if (reason := check(spec, options)) is not None), None)
 
+
+def _model_takes_data(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, data_kind, model_kinds = spec.names, spec.data_kind, declared(spec.classes["model"], "data_kinds")
     if data_kind not in model_kinds:
         fit = _fits(options["dataloaders"], lambda d: declared(d, "kind", "") in model_kinds)
         return (
             f"model={n['model']} takes {'|'.join(model_kinds)} data; dataloaders={n['dataloaders']} serves "
             f"{data_kind} data: use dataloaders={fit}"
         )
+    return None
+
+
+def _loss_trains_model(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, loss, output, traits = spec.names, spec.classes["loss"], spec.output, declared(spec.classes["model"], "traits")
     loss_outputs = loss.trainable_outputs(spec.loss_settings or {})
     if output not in loss_outputs or not set(declared(loss, "model_traits")) <= set(traits):
 
@@ -135,6 +148,12 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
             f"{' with ' + ', '.join(declared(loss, 'model_traits')) if declared(loss, 'model_traits') else ''}; "
             f"model={n['model']} has {what}: use loss={_fits(options['loss'], trains_model)}"
         )
+    return None
+
+
+def _model_gets_its_inputs(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, model, loss = spec.names, spec.classes["model"], spec.classes["loss"]
+    data_kind, output = spec.data_kind, spec.output
     tokens, reads = declared(spec.tokenizer, "kind", None), declared(model, "tokenizer", None)
     if data_kind == "captioned" and reads is not None and tokens != reads:
         return (
@@ -161,6 +180,11 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
             + _fits(options["loss"], lambda l_: output in l_.trainable_outputs({})
                     and (not declared(l_, "data_kinds") or data_kind in declared(l_, "data_kinds")))
         )  # fmt: skip
+    return None
+
+
+def _eval_scores_model(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, ev, data_kind, output = spec.names, spec.classes["eval"], spec.data_kind, spec.output
     if data_kind not in declared(ev, "data_kinds") or output not in declared(ev, "model_outputs"):
         fit = _fits(
             options["eval"], lambda e: data_kind in declared(e, "data_kinds") and output in declared(e, "model_outputs")
@@ -170,6 +194,12 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
             f"{'|'.join(declared(ev, 'data_kinds'))} data; model={n['model']} on dataloaders={n['dataloaders']} "
             f"is {output} on {data_kind} data: use eval={fit}"
         )
+    return None
+
+
+def _sampler_fits(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, c = spec.names, spec.classes
+    loss, sampler, ev = c["loss"], c["solver"], c["eval"]
     trains = declared(loss, "trains", "")
     if declared(ev, "uses_sampler", True):
         if sampler is None:
@@ -192,6 +222,11 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
             f"eval.nfe={list(spec.nfe)} asks solver={n['solver']} for more steps than its {limit}-step schedule: "
             f"use eval.nfe values up to {limit}"
         )
+    return None
+
+
+def _guidance_fits(spec: Spec, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    n, model = spec.names, spec.classes["model"]
     settings = spec.loss_settings or {}
     if (_number(settings.get("omega", 1.0)) != 1.0 or _number(settings.get("kappa", 0.0)) != 0.0) and (
         _data_conditioning(spec) != "class"
@@ -214,6 +249,16 @@ def problem(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) 
                 "set loss.cond_dropout=0.1, or eval.guidance_scale=1"
             )
     return None
+
+
+CHECKS = (
+    _model_takes_data,
+    _loss_trains_model,
+    _model_gets_its_inputs,
+    _eval_scores_model,
+    _sampler_fits,
+    _guidance_fits,
+)
 
 
 def check(spec: Spec, options: Mapping[str, Mapping[str, Any]] | None = None) -> None:

@@ -71,3 +71,26 @@ def model_from_state(
 def load_data(state: dict[str, Any], path: Path) -> Any:
     """The checkpoint's data object (held-out ``eval_set``, ``num_classes``), rebuilt from its config."""
     return _instantiate(state, "dataloaders", path)
+
+
+def export_lora_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    kohya: bool,
+    diffusers: bool = True,
+    use_ema: bool = False,
+    pretrained: str | None = None,
+) -> list[Path]:
+    """The LoRA files of a training checkpoint in ``out_dir`` (the model rebuilt from the checkpoint's
+    config, ``pretrained`` replacing its SDXL path if given); returns their paths, diffusers' first."""
+    from adapters.sdxl import SDXLLoRA  # diffusers: imported by the scripts that export, not by every run
+
+    state = load_checkpoint(checkpoint, "checkpoint")
+    if state["config"].get("model", {}).get("_target_") != "adapters.sdxl.SDXLLoRA":
+        raise UserError(f"{checkpoint} is not an SDXL LoRA checkpoint (model={state['config'].get('model_name')})")
+    if pretrained is not None:
+        state["config"]["model"]["pretrained"] = pretrained
+    model = model_from_state(state, checkpoint, use_ema=use_ema)
+    if not isinstance(model, SDXLLoRA):
+        raise UserError(f"{checkpoint} rebuilt a {type(model).__name__}, not an SDXL LoRA model")
+    return model.save_lora(out_dir, diffusers=diffusers, kohya=kohya)

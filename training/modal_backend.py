@@ -208,7 +208,7 @@ def submit_run(cfg: DictConfig, overrides: Sequence[str]) -> int:
     and prints how to follow it. Returns the exit status.
     """
     require_modal_token()
-    from training.train import metrics_table, require_run_name
+    from training.outputs import metrics_table, require_run_name
 
     run_name = require_run_name(cfg)
     spec = ModalSpec.from_config(cfg.backend)
@@ -262,7 +262,7 @@ def container_overrides(overrides: Sequence[str], spec: ModalSpec) -> list[str]:
 def volume_config(overrides: Sequence[str], root: Path) -> DictConfig:
     """The launcher's config for ``overrides``, every output under the Volume at ``root``."""
     from training.compose import compose_config
-    from training.train import require_run_name
+    from training.outputs import require_run_name
 
     cfg = compose_config([*overrides, f"paths.root={root}"])
     run_name = require_run_name(cfg)

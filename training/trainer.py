@@ -78,24 +78,8 @@ class Trainer:
         devices: int = 1,
         callbacks: list[Callback] | None = None,
     ):
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
-        for name, value, low in (("grad_accum", grad_accum, 1), ("log_every", log_every, 1),
-                                 ("max_consecutive_skips", max_consecutive_skips, 1)):  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"trainer.{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(rollback_lr_factor, (int, float)) or not 0 < rollback_lr_factor <= 1:
-            raise ValueError(f"trainer.rollback_lr_factor must be in (0, 1], got {rollback_lr_factor!r}")
-        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
-            raise ValueError(f"trainer.max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
-        if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
-            raise ValueError(f"trainer.ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}")
-        world = distributed.world_size()
-        if devices > 1 and devices != world:
-            raise ValueError(
-                f"trainer.devices={devices} but this run has {world} process(es); start it with launcher.py "
-                f"(which relaunches itself under torchrun) or torchrun --nproc_per_node={devices}"
-            )
+        _check_settings(nan_policy, grad_accum, log_every, max_consecutive_skips, rollback_lr_factor, max_rollbacks,
+                        ema_decay, devices)  # fmt: skip
         self.model = model
         self.ema = EMA(model, ema_decay)
         fsdp = strategy == "fsdp" and distributed.active()
@@ -138,6 +122,7 @@ class Trainer:
         self.step_rates: list[float] = []  # steps/s of each logging window, for steady-state speed
         self.callbacks = list(callbacks or [])
         self.stop_reason: str | None = None  # set by a callback to end training after the current step
+        self.epochs, self.total_steps = 0, 0  # what fit() runs to
         self.clip_groups = [
             (g.get("name", f"group{i}"), g["params"], g.get("grad_clip", grad_clip))
             for i, g in enumerate(optimizer.param_groups)
@@ -315,29 +300,43 @@ class Trainer:
         pending.clear()
         return values, means
 
-    # --- the loop ----------------------------------------------------------------------------
-    def fit(
-        self,
-        loader: Iterable[dict[str, Tensor]],
-        epochs: int,
-        max_steps: int | None,
-        on_epoch_end: Callable[[int], None],
-        on_step_end: Callable[[int], None] | None = None,
-        step_hook_every: int = 0,
-    ) -> None:
-        """Train until ``epochs`` are done or ``max_steps`` optimizer steps are reached.
+    def _log(self, norms: dict[str, Tensor], hook_metrics: dict[str, float], steps_per_sec: float) -> dict[str, float]:
+        """A log point: read the window's losses back, add the callbacks' metrics, send them to the tracker."""
+        values, loss_metrics = self._flush(self._unread)
+        metrics = {
+            "train/loss": sum(values) / len(values),
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            **self._norm_metrics(norms),
+            "train/steps_per_sec": steps_per_sec,
+            "train/skipped_batches": float(self.skipped_batches),
+            "epoch": float(self.epoch),
+            **{f"train/{k}": v for k, v in loss_metrics.items()},
+            **hook_metrics,
+        }
+        if self.device.type == "cuda":
+            metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.step_rates.append(steps_per_sec)
+        for cb in self.callbacks:
+            metrics.update(cb.on_log(self, values, metrics))
+        self.tracker.log(metrics, step=self.step)
+        return metrics
 
-        ``on_epoch_end(epoch)`` runs after every completed epoch (evaluation, checkpoints), and
-        ``on_step_end(step)`` every ``step_hook_every`` optimizer steps (step-based checkpoints and
-        sample grids for data sets whose epochs are long), both always after the losses so far were
-        checked, so a checkpoint never holds weights past a NaN.
-        """
+    # --- the loop ----------------------------------------------------------------------------
+    def check_losses(self) -> None:
+        """Read the unread step losses back (a device sync), raising at a non-finite one: callbacks
+        call it before they evaluate or save the weights, so nothing past a NaN is scored or kept."""
+        self._flush(self._unread)
+
+    def fit(self, loader: Iterable[dict[str, Tensor]], epochs: int, max_steps: int | None) -> None:
+        """Train until ``epochs`` are done, ``max_steps`` optimizer steps are reached or a callback
+        sets ``stop_reason``; evaluation and checkpoints are callbacks (``training.callbacks``)."""
         steps_per_epoch = len(loader) // self.grad_accum  # type: ignore[arg-type]
         if steps_per_epoch == 0:
             raise ValueError(
                 f"an epoch has {len(loader)} batches, fewer than trainer.grad_accum={self.grad_accum}"  # type: ignore[arg-type]
             )
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+        self.epochs, self.total_steps = epochs, total
         self.model.train()
         bar = tqdm(
             total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
@@ -367,33 +366,16 @@ class Trainer:
                 group = []
                 hook_metrics = {k: v for cb in self.callbacks for k, v in cb.on_step_end(self).items()}
                 if log_now:
-                    values, loss_metrics = self._flush(pending)
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {
-                        "train/loss": sum(values) / len(values),
-                        "train/lr": self.optimizer.param_groups[0]["lr"],
-                        **self._norm_metrics(norms),
-                        "train/steps_per_sec": window_steps / elapsed,
-                        "train/skipped_batches": float(self.skipped_batches),
-                        "epoch": float(self.epoch),
-                        **{f"train/{k}": v for k, v in loss_metrics.items()},
-                        **hook_metrics,
-                    }
-                    if self.device.type == "cuda":
-                        metrics["gpu/max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-                    self.step_rates.append(metrics["train/steps_per_sec"])
-                    for cb in self.callbacks:
-                        metrics.update(cb.on_log(self, values, metrics))
-                    self.tracker.log(metrics, step=self.step)
+                    logged = self._log(norms, hook_metrics, window_steps / (time.perf_counter() - window_start))
                     bar.update(self.step - bar.n)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
                 elif hook_metrics:
                     self.tracker.log(hook_metrics, step=self.step)
-                if on_step_end is not None and step_hook_every and self.step % step_hook_every == 0:
-                    self._flush(pending)
-                    on_step_end(self.step)
-                    window_start, window_steps = time.perf_counter(), 0  # hook time is not training time
+                hooks_start = time.perf_counter()
+                for cb in self.callbacks:
+                    cb.after_step(self)
+                window_start += time.perf_counter() - hooks_start  # evaluation time is not training time
                 if self.step >= total or self.stop_reason is not None:
                     stopped = True
                     break
@@ -407,7 +389,8 @@ class Trainer:
                              steps_per_epoch * self.grad_accum)  # fmt: skip
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                on_epoch_end(self.epoch)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self)
                 window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
         if self.stop_reason is not None:
             log.info("training stopped at step %d: %s", self.step, self.stop_reason)
@@ -418,3 +401,33 @@ def _mean_output(outputs: list[LossOutput]) -> LossOutput:
     """The mean loss and metrics of the micro-batches of one accumulation group."""
     metrics = {k: torch.stack([o.metrics[k] for o in outputs]).mean() for k in outputs[0].metrics}
     return LossOutput(torch.stack([o.loss for o in outputs]).mean(), metrics)
+
+
+def _check_settings(
+    nan_policy: str,
+    grad_accum: int,
+    log_every: int,
+    max_consecutive_skips: int,
+    rollback_lr_factor: float,
+    max_rollbacks: int,
+    ema_decay: float,
+    devices: int,
+) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    for name, value, low in (("grad_accum", grad_accum, 1), ("log_every", log_every, 1),
+                             ("max_consecutive_skips", max_consecutive_skips, 1)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"trainer.{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(rollback_lr_factor, (int, float)) or not 0 < rollback_lr_factor <= 1:
+        raise ValueError(f"trainer.rollback_lr_factor must be in (0, 1], got {rollback_lr_factor!r}")
+    if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+        raise ValueError(f"trainer.max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+    if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+        raise ValueError(f"trainer.ema_decay must be in [0, 1) (e.g. 0.999), got {ema_decay!r}")
+    world = distributed.world_size()
+    if devices > 1 and devices != world:
+        raise ValueError(
+            f"trainer.devices={devices} but this run has {world} process(es); start it with launcher.py "
+            f"(which relaunches itself under torchrun) or torchrun --nproc_per_node={devices}"
+        )

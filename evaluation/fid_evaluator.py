@@ -1,6 +1,6 @@
 """FID, KID and energy distance on Inception features for a model's samples (``eval.fid``).
 
-Samples go to disk first (numbered PNGs, resumable, see ``sample_folder``), then through the same
+Samples go to disk first (numbered PNGs, resumable, see ``sample_folder_writer``), then through the same
 clean-fid loader as the reference images: generated and reference images are quantised to 8 bits
 and resized the same way, as in the papers' protocol.
 """
@@ -17,18 +17,10 @@ from torch import Tensor
 
 from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
-from evaluation.fid import (
-    FeatureExtractor,
-    Statistics,
-    check_mode,
-    features,
-    fid,
-    kid,
-    load_inception,
-    resolution_of,
-)
-from evaluation.fid_reference import reference_statistics
-from evaluation.sample_folder import write_samples
+from evaluation.fid_reference_stats import reference_statistics
+from evaluation.fid_statistics import Statistics, fid, kid
+from evaluation.inception_features import FeatureExtractor, check_mode, features, load_inception, resolution_of
+from evaluation.sample_folder_writer import write_samples
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +32,7 @@ class FIDEval:
     ``num_samples`` is 0.
 
     ``reference`` is a statistics name, an .npz file, a folder of images or
-    ``cleanfid:<dataset>:<split>:<res>`` (see ``fid_reference``). ``extractor`` replaces the
+    ``cleanfid:<dataset>:<split>:<res>`` (see ``fid_reference_stats``). ``extractor`` replaces the
     Inception network only where the weights cannot exist (tests); results made with it carry
     its name and are never compared with Inception statistics.
     """

@@ -1,21 +1,15 @@
-"""Check a CLIP embedding cache against its data and the CLIP model a run will use.
+"""Checking a CLIP embedding cache (``dataloaders.clip_cache``) against its data and the CLIP model a run
+will use (``scripts/precompute_clip.py --validate``).
 
-    python scripts/validate_clip_cache.py --folder data/pokemon --model ViT-L-14 --pretrained openai
-    python scripts/validate_clip_cache.py --shards '/data/laion/{00000..00099}.tar' --cache-dir data/clip_cache \\
-        --model ViT-L-14
-
-Checks every embedding's model name, weights (with ``--pretrained``), source (with ``--source``) and
-dimension (the model's architecture, no weights read), NaN/inf and unit norm; for a folder, that every
-captioned image has its ``.clip``; for shards, that ``metadata.json`` lists every shard, that each
-shard file's embeddings match its keys and the listed count, and that every sample with a caption
-(or an image, for image embeddings) has an embedding. Prints a report; exits 1 when anything is wrong.
+Checks every embedding's model name, weights (when given), source (when given) and dimension (the
+model's architecture, no weights read), NaN/inf and unit norm; for a folder, that every captioned
+image has its ``.clip``; for shards, that ``metadata.json`` lists every shard, that each shard file's
+embeddings match its keys and the listed count, and that every sample with a caption (or an image,
+for image embeddings) has an embedding. The ``Report`` lists problems (the cache is wrong) and notes.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,9 +36,6 @@ from dataloaders.clip_cache import (
     shard_stem,
 )
 from dataloaders.webdataset import resolve_shards
-from training.errors import UserError
-
-log = logging.getLogger("validate_clip_cache")
 
 NORM_TOLERANCE = 1e-2  # float16 storage keeps norms within ~1e-3 of 1
 EXAMPLES = 5
@@ -58,10 +49,16 @@ class Report:
     problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     notes: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
+    @property
+    def failed(self) -> bool:
+        return any(self.problems.values())
+
     def render(self, what: str) -> str:
         lines = [f"checked {self.checked} {what}"]
         for title, table in (("problem", self.problems), ("note", self.notes)):
             for kind, places in table.items():
+                if not places:
+                    continue
                 more = f" (+{len(places) - EXAMPLES} more)" if len(places) > EXAMPLES else ""
                 lines.append(f"{title}: {kind}: {len(places)}{more}")
                 lines += [f"    {place}" for place in places[:EXAMPLES]]
@@ -70,25 +67,14 @@ class Report:
         return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit status: 0 when the cache is sound, 1 when anything is wrong, 2 on bad input.",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--folder", type=Path, help="a caption folder with .clip files beside the images")
-    target.add_argument("--shards", help="WebDataset shards: a brace pattern, a glob or a folder of .tar files")
-    p.add_argument("--cache-dir", type=Path, help="with --shards: the cache root (dataloaders.clip_cache.dir)")
-    p.add_argument("--model", required=True, help="the open_clip model the run uses (clip_cache.model_name)")
-    p.add_argument("--pretrained", help="the weights the run uses; unchecked when left out")
-    p.add_argument("--source", choices=("text", "image"), help="the embeddings' source; unchecked when left out")
-    p.add_argument("--image-key", default="jpg;png;webp", help="shard image extensions")
-    p.add_argument("--caption-key", default="txt", help="shard caption extension")
-    args = p.parse_args(argv)
-    if args.shards is not None and args.cache_dir is None:
-        p.error("--shards needs --cache-dir")
-    return args
+@dataclass(frozen=True)
+class Expected:
+    """The CLIP model a run will use: its open_clip name, and the weights and source to check (None:
+    unchecked, each file's own value is taken)."""
+
+    model: str
+    pretrained: str | None = None
+    source: str | None = None
 
 
 class Checker:
@@ -122,13 +108,14 @@ class Checker:
             self.report.problems["not unit-norm"].append(f"{where}: {int(off.sum())} rows, {example}")
 
 
-def validate_folder(args: argparse.Namespace) -> Report:
-    root = args.folder.expanduser()
+def validate_folder(folder: Path, expected: Expected) -> Report:
+    """The ``.clip`` files beside the captioned images under ``folder``."""
+    root = folder.expanduser()
     if not root.is_dir():
-        raise UserError(f"--folder {args.folder} is not a folder")
+        raise ValueError(f"--folder {folder} is not a folder")
     pairs, _ = scan_caption_folder(root)
     report = Report()
-    checker = Checker(args.model, args.pretrained, args.source, report)
+    checker = Checker(expected.model, expected.pretrained, expected.source, report)
     for image, _ in pairs:
         path = clip_path(image)
         report.checked += 1
@@ -166,13 +153,17 @@ def shard_keys(url: str, field_keys: tuple[str, ...]) -> tuple[set[str], set[str
     return keys, with_field
 
 
-def validate_shards(args: argparse.Namespace) -> Report:
-    shards = resolve_shards(args.shards)
+def validate_shards(
+    urls: str, cache_dir: Path, expected: Expected, image_keys: tuple[str, ...], caption_key: str
+) -> Report:
+    """The cache of the shards ``urls`` under ``cache_dir``, against the shards' samples (a sample counts
+    if it has ``caption_key``, or for image embeddings one of ``image_keys``)."""
+    shards = resolve_shards(urls)
     if not shards:
-        raise UserError(f"--shards {args.shards!r} matches no .tar shard")
-    root = shard_cache_root(args.cache_dir, args.model)
+        raise ValueError(f"--shards {urls!r} matches no .tar shard")
+    root = shard_cache_root(cache_dir, expected.model)
     report = Report()
-    checker = Checker(args.model, args.pretrained, args.source, report)
+    checker = Checker(expected.model, expected.pretrained, expected.source, report)
     meta = read_metadata(root)
     if meta is None:
         report.problems[f"no {METADATA}"].append(f"{root} (build it with scripts/precompute_clip.py)")
@@ -181,7 +172,7 @@ def validate_shards(args: argparse.Namespace) -> Report:
         return report
     checker.source = checker.source or str(meta["source"])
     listed = meta.get("shards", {})
-    field_keys = (args.caption_key,) if checker.source == "text" else tuple(args.image_key.split(";"))
+    field_keys = (caption_key,) if checker.source == "text" else image_keys
     for url in shards:
         report.checked += 1
         path = shard_file(root, url)
@@ -212,21 +203,3 @@ def validate_shards(args: argparse.Namespace) -> Report:
     unused = sorted(set(listed) - {shard_stem(url) for url in shards})
     report.notes[f"shards in {METADATA} not matched by --shards"] += unused
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report = validate_folder(args) if args.folder is not None else validate_shards(args)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report.problems = {k: v for k, v in report.problems.items() if v}
-    report.notes = {k: v for k, v in report.notes.items() if v}
-    print(report.render("images" if args.folder is not None else "shards"))
-    return 1 if report.problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

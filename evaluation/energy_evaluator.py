@@ -1,4 +1,5 @@
-"""Evaluation of dense data: energy distance of generated samples to held-out data per NFE."""
+"""The energy-distance evaluator (``eval=energy``): generated samples against held-out data per NFE
+budget, for points and, on flattened pixels, images; with their scatter plots or image grids."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from dataloaders.base import HeldOut
-from evaluation.context import EvalContext
+from evaluation.contract import EvalContext
 from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
-from evaluation.fid_eval import FIDEval
-from evaluation.plots import plot_trajectories, scatter_samples
-from evaluation.sampling import ImageSampler, sample, to_unit_range
+from evaluation.fid_evaluator import FIDEval
+from evaluation.plots_2d import plot_trajectories, scatter_samples
+from evaluation.sample_generation import sample, sampler_settings, to_unit_range
 from solvers.base import Sampler
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class EnergyDistanceEval:
         keys = self.budgets(solver)
         for i, key in enumerate(keys):
             want_path = self.trajectory_points if (ctx.out_dir is not None and i == len(keys) - 1) else 0
-            x, used, path = self._generate(model, solver, noise, labels, _nfe(key), ctx, want_path)
+            x, used, path = self._generate(model, solver, noise, labels, budget_nfe(key), ctx, want_path)
             metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(ctx.device), reference.to(ctx.device))
             metrics[f"eval/nfe_used@{key}"] = float(used)
             samples[key] = x
@@ -153,58 +154,6 @@ class EnergyDistanceEval:
             plot_trajectories(trajectory.numpy(), out_dir / "trajectories.png")
 
 
-class ImageEval(EnergyDistanceEval):
-    """Image samples: energy distance on flattened pixels, grids instead of scatter plots, and
-    at the final evaluation FID/KID when ``fid`` is enabled (``eval.fid.num_samples > 0``).
-
-    Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] (raw latents for latent data)
-    and ``grid_{key}.png`` per budget, plus ``grid_data.png`` of held-out images; latent samples
-    are decoded to pixels for the grids and FID, and scored in latent space by energy distance.
-    """
-
-    data_kinds = ("image", "latent")
-
-    def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
-        metrics = super().__call__(model, solver, data, ctx)
-        if ctx.out_dir is None or self.fid is None or not self.fid.enabled:
-            return metrics
-        was_training = model.training
-        model.eval()
-        decode = data.decode
-        generators = {
-            key: ImageSampler(
-                model,
-                solver,
-                _nfe(key),
-                tuple(data.reference.shape[1:]),
-                ctx.device,
-                ctx.autocast,
-                self.fid.seed,
-                data.num_classes,
-                self.guidance_scale,
-                None if decode is None else (lambda z: decode(z.to(ctx.device))),
-            )
-            for key in self.budgets(solver, self.fid.nfe)
-        }
-        settings = self.settings(solver)
-        folder_settings = {
-            "source": ctx.source,
-            "solver": settings["eval/solver"],
-            "guidance_scale": self.guidance_scale,
-        }
-        metrics.update(self.fid(generators, folder_settings, ctx.device))
-        model.train(was_training)
-        return metrics
-
-    def prepare(self, device: torch.device) -> None:
-        if self.fid is not None and self.fid.enabled:
-            self.fid.reference_stats(device)
-
-    def settings(self, solver: Sampler) -> dict[str, Any]:
-        fid = {} if self.fid is None or not self.fid.enabled else self.fid.settings()
-        return {**super().settings(solver), **fid}
-
-
 def write_image_artifacts(
     reference: Tensor, samples: dict[str, Tensor], out_dir: Path, decode: Callable[[Tensor], Tensor] | None = None
 ) -> None:
@@ -217,12 +166,6 @@ def write_image_artifacts(
     save_image(pictures(reference[:64]), out_dir / "grid_data.png", nrow=8)
 
 
-def _nfe(key: str) -> int:
+def budget_nfe(key: str) -> int:
     """``nfe10`` -> 10; ``adaptive`` -> 0 (the solver picks its steps)."""
     return 0 if key == "adaptive" else int(key.removeprefix("nfe"))
-
-
-def sampler_settings(sampler: Sampler) -> dict[str, Any]:
-    """The sampler by name and settings, for metrics.json: ``eval/sampler`` (``meanflow``, ``ddpm``),
-    ``eval/solver`` (its label with settings, ``dopri5(atol=1e-05, rtol=1e-05)``)."""
-    return {"eval/sampler": sampler.name, "eval/solver": sampler.label()}

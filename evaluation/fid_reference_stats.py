@@ -20,14 +20,8 @@ import numpy as np
 from cleanfid.features import get_reference_statistics
 
 from evaluation.errors import EvaluationError
-from evaluation.fid import (
-    INCEPTION_NAME,
-    FeatureExtractor,
-    Statistics,
-    features,
-    list_images,
-    resolution_of,
-)
+from evaluation.fid_statistics import Statistics
+from evaluation.inception_features import INCEPTION_NAME, FeatureExtractor, features, list_images, resolution_of
 
 log = logging.getLogger(__name__)
 

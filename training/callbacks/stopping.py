@@ -10,26 +10,25 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from training import distributed
-from training.callbacks import Callback
+from training.callbacks.base import Callback
+from training.callbacks.checkpointing import CheckpointWriter
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunControl(Callback):
-    """Watches for stop signals and, with ``every_minutes``, calls ``save`` when that much time has
-    passed since the last one; both decisions are shared by all ranks at the same step."""
+    """Watches for stop signals and, with ``every_minutes``, has ``writer`` write ``last.pt`` when that
+    much time has passed since its last write; both decisions are shared by all ranks at the same step."""
 
-    def __init__(self, save: Callable[[], None], every_minutes: float = 0.0):
-        self.save = save
-        self.every_s = 60.0 * every_minutes
+    def __init__(self, writer: CheckpointWriter | None, every_minutes: float = 0.0):
+        self.writer = writer
+        self.every_s = 60.0 * every_minutes if writer is not None else 0.0
         self.received: str | None = None  # the signal's name, once one arrived (on any rank)
-        self.last_save = time.monotonic()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> RunControl:
@@ -50,15 +49,16 @@ class RunControl(Callback):
                     self.received)  # fmt: skip
 
     def on_step_end(self, trainer: Any) -> dict[str, float]:
-        due = bool(self.every_s) and distributed.rank() == 0 and time.monotonic() - self.last_save >= self.every_s
+        due = (
+            self.writer is not None
+            and bool(self.every_s)
+            and distributed.rank() == 0
+            and time.monotonic() - self.writer.last_write >= self.every_s
+        )
         stop, due = distributed.any_across_ranks([self.received is not None, due])
         if stop:
             self.received = self.received or "a signal on another rank"
             trainer.stop_reason = f"interrupted by {self.received}"
-        elif due:
-            self.save()
+        elif due and self.writer is not None:
+            self.writer.write(trainer, self.writer.last)
         return {}
-
-    def saved(self) -> None:
-        """A checkpoint was written: the ``every_minutes`` clock starts over."""
-        self.last_save = time.monotonic()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from paths.affine import expand_like
+
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "linear")
 
 
@@ -161,7 +163,7 @@ class DiffusionSchedule:
     def _at(arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
         """``arr[t]`` in x's dtype and device, shaped to broadcast against x."""
         out = arr.to(dtype=x.dtype).to(x.device)[t.to(x.device)]
-        return out.view(-1, *([1] * (x.ndim - 1)))
+        return expand_like(out, x)
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample ``q(x_t | x_start)``."""

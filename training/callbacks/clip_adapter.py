@@ -1,6 +1,6 @@
 """Training the GLIDE CLIP adapter without harming the pretrained model: phases, checks, rollback, files.
 
-``adapter=clip`` plugs this into the generic trainer (``training.callbacks``):
+``adapter_training=clip`` plugs this into the generic trainer (``training.callbacks``):
 
 - **Phases** (``phase``), each a strictly separate set of trained parameters; everything else is
   frozen (``requires_grad=False``, no optimizer state, bit-for-bit unchanged):
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapters.glide_clip import GlideClipUNet
 from losses.clip_adapter_kl import without_clip
 from losses.diffusion import DiffusionLoss
-from models.glide_clip import GlideClipUNet
-from training.callbacks import Callback
+from training.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ class ClipAdapterTraining(Callback):
         seed: int = 0,
     ):
         if phase not in PHASES:
-            raise ValueError(f"unknown adapter.phase {phase!r}; valid: {', '.join(PHASES)}")
+            raise ValueError(f"unknown adapter_training.phase {phase!r}; valid: {', '.join(PHASES)}")
         if early_stop_threshold < 0 or patience < 1:
-            raise ValueError("adapter.early_stop_threshold must be >= 0 and adapter.patience >= 1")
+            raise ValueError("adapter_training.early_stop_threshold must be >= 0 and adapter_training.patience >= 1")
         self.phase = phase
         self.adapter_lr, self.adapter_betas, self.adapter_weight_decay = (
             adapter_lr,
@@ -108,7 +108,7 @@ class ClipAdapterTraining(Callback):
         """This phase's groups; every other parameter is frozen."""
         if not isinstance(model, GlideClipUNet):
             raise ValueError(
-                f"adapter=clip trains the CLIP adapter of model=glide_base_clip, not {type(model).__name__}"
+                f"adapter_training=clip trains the CLIP adapter of model=glide_base_clip, not {type(model).__name__}"
             )
         sets = model.parameter_sets()
         adapter = sets["adapter_mlp"] + (sets["clip_attention"] if self.phase != "adapter_only" else [])
@@ -141,10 +141,10 @@ class ClipAdapterTraining(Callback):
     # --- hooks -----------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, data: Any) -> None:
         if not isinstance(trainer.loss_fn, DiffusionLoss):
-            raise ValueError("adapter=clip needs a diffusion loss (loss=clip_adapter_kl)")
+            raise ValueError("adapter_training=clip needs a diffusion loss (loss=clip_adapter_kl)")
         if data.clip_cache is None:
             raise ValueError(
-                "adapter=clip needs CLIP embeddings in every batch: configure dataloaders.clip_cache "
+                "adapter_training=clip needs CLIP embeddings in every batch: configure dataloaders.clip_cache "
                 "(the glide_clip_phase* experiments do; see scripts/precompute_clip.py)"
             )
         if self.early_stop_every or self.dry_run_interval:
@@ -201,8 +201,8 @@ class ClipAdapterTraining(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["phase"] != self.phase:
             raise ValueError(
-                f"this run trained adapter.phase={state['phase']}, not {self.phase}; start the next phase as a new run "
-                f"from this one's adapter file (experiment=glide_clip_phase2/3)"
+                f"this run trained adapter_training.phase={state['phase']}, not {self.phase}; start the next phase "
+                "as a new run from this one's adapter file (experiment=glide_clip_phase2/3)"
             )
         self.reference, self.best_loss, self.best_step = state["reference"], state["best_loss"], state["best_step"]
         self.best_state, self.bad_checks, self.rollbacks = state["best_state"], state["bad_checks"], state["rollbacks"]
@@ -215,8 +215,8 @@ class ClipAdapterTraining(Callback):
         if len(batch["x1"]) == 0 or "clip" not in batch["cond"]:
             raise ValueError(
                 "the adapter's early stopping and dry runs need held-out pairs with CLIP embeddings: set "
-                "dataloaders.num_eval > 0 and dataloaders.clip_cache, or adapter.early_stop_every=0 "
-                "adapter.dry_run_interval=0"
+                "dataloaders.num_eval > 0 and dataloaders.clip_cache, or adapter_training.early_stop_every=0 "
+                "adapter_training.dry_run_interval=0"
             )
         loss: DiffusionLoss = trainer.loss_fn
         x_start = batch["x1"].float()

@@ -1,9 +1,14 @@
-"""Evaluation of text-conditional diffusion models: sample grids of fixed prompts during training.
+"""The prompt-grid evaluators of text-conditional models: sample grids of fixed prompts during training.
 
 A fine-tuning run is watched through the same prompts at every evaluation (``every_steps`` or
 ``every_epochs``), from the same noise, so grids differ only through the weights. With ``clip``
-set, the CLIP score of the samples against their prompts is logged beside them. The upsampler is
-shown held-out images: their captions and their downsampled copies are its input.
+set, the CLIP score of the samples against their prompts is logged beside them.
+
+- ``PromptGridEval`` (``eval=prompts``): GLIDE-style models sampled with the run's diffusion sampler.
+  The upsampler is shown held-out images: their captions and their downsampled copies are its input.
+- ``PipelinePromptEval`` (``eval=sdxl_prompts``): a model that brings its own diffusers pipeline
+  (SDXL + LoRA), anything with ``sample(prompt=..., generator=..., ...) -> images in [0, 1]`` (e.g.
+  ``adapters.sdxl.SDXLLoRA``); the grid is drawn from per-image seeds (``seed + index``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from torchvision.utils import save_image
 
 from dataloaders.base import HeldOut
 from evaluation.clip_score import CLIPScore, read_prompts
-from evaluation.context import EvalContext
+from evaluation.contract import EvalContext
 from evaluation.errors import EvaluationError
-from evaluation.sample_eval import sampler_settings
-from evaluation.sampling import sample
+from evaluation.sample_generation import sample, sampler_settings
 from solvers.base import Sampler
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,22 @@ Tokenizer = Callable[[list[str]], tuple[Tensor, Tensor]]
 
 class ClipTextEncoder(Protocol):
     def encode_text(self, captions: list[str]) -> Tensor: ...
+
+
+def fixed_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """The evaluation's prompts: ``prompts_file`` (one per line) when given, else ``prompts``."""
+    if prompts_file:
+        prompts = read_prompts(Path(prompts_file))
+    if not prompts:
+        raise EvaluationError("eval needs prompts: set eval.prompts=[...] or eval.prompts_file=PATH")
+    return list(prompts)
+
+
+def clip_metrics(clip: CLIPScore | None, images: Tensor, prompts: list[str]) -> dict[str, float]:
+    """``eval/clip_score`` of the images against their prompts, when a CLIP scorer is set."""
+    if clip is None:
+        return {}
+    return {"eval/clip_score": float(clip.score_images(images, prompts).mean())}
 
 
 def save_grid(images: Tensor, per_prompt: int, grid_dir: Path | None, out_dir: Path | None, step: int | None) -> None:
@@ -76,12 +96,8 @@ class PromptGridEval:
         clip: CLIPScore | None = None,
         clip_encoder: ClipTextEncoder | None = None,
     ):
-        if prompts_file:
-            prompts = read_prompts(Path(prompts_file))
-        if not prompts:
-            raise EvaluationError("eval needs prompts: set eval.prompts=[...] or eval.prompts_file=PATH")
         self.tokenizer = tokenizer
-        self.prompts = list(prompts)
+        self.prompts = fixed_prompts(prompts, prompts_file)
         self.samples_per_prompt = samples_per_prompt
         self.guidance_scale = guidance_scale
         self.seed = seed
@@ -120,10 +136,7 @@ class PromptGridEval:
         model.train(was_training)
         images = ((solution.x.float() + 1) / 2).clamp(0, 1).cpu()
         save_grid(images, self.samples_per_prompt, self.grid_dir, ctx.out_dir, ctx.step)
-        metrics = {}
-        if self.clip is not None:
-            metrics["eval/clip_score"] = float(self.clip.score_images(images, prompts).mean())
-        return metrics
+        return clip_metrics(self.clip, images, prompts)
 
     def _conditioning(
         self, reference: Tensor, captions: list[str] | None, device: torch.device
@@ -142,3 +155,67 @@ class PromptGridEval:
         low = F.interpolate(reference[:n].float(), size=self.low_res_size, mode="area")
         tokens, mask = self.tokenizer(prompts)
         return prompts, {"tokens": tokens.to(device), "mask": mask.to(device), "low_res": low.to(device)}
+
+
+class PipelinePromptEval:
+    """``samples_per_prompt`` images per prompt through the model's pipeline, written as one grid
+    (``grids/grid_step*.png`` during training, ``grid_final.png`` in the run directory at the end);
+    with ``clip`` set, their CLIP score against the prompts is logged."""
+
+    data_kinds = ("captioned", "sdxl_cache")
+    model_outputs = ("pipeline",)
+    uses_sampler = False  # the model's own pipeline and scheduler sample it
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        samples_per_prompt: int = 1,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        image_size: int = 512,
+        seed: int = 0,
+        every_epochs: int = 1,
+        every_steps: int = 0,
+        grid_dir: str | None = None,
+        clip: CLIPScore | None = None,
+    ):
+        self.prompts = fixed_prompts(prompts, prompts_file)
+        if image_size % 8:
+            raise EvaluationError(f"eval.image_size={image_size} must be a multiple of 8 (the VAE downsamples 8x)")
+        self.samples_per_prompt = samples_per_prompt
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.image_size = image_size
+        self.seed = seed
+        self.every_epochs = every_epochs
+        self.every_steps = every_steps
+        self.grid_dir = Path(grid_dir) if grid_dir else None
+        self.clip = clip
+
+    def prepare(self, device: torch.device) -> None:
+        """Nothing to load ahead: the pipeline is the model's own."""
+
+    def settings(self, solver: None) -> dict[str, Any]:
+        return {
+            "eval/sampler": "pipeline",  # the model's own diffusers pipeline and scheduler
+            "eval/num_inference_steps": self.num_inference_steps,
+            "eval/guidance_scale": self.guidance_scale,
+            "eval/seed": self.seed,
+            "eval/num_prompts": len(self.prompts),
+        }
+
+    def __call__(self, model: nn.Module, solver: None, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        device, step, out_dir = ctx.device, ctx.step, ctx.out_dir
+        prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+        generators = [torch.Generator(device).manual_seed(self.seed + i) for i in range(len(prompts))]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), ctx.autocast():
+            images = model.sample(  # type: ignore[operator]
+                prompt=prompts, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                height=self.image_size, width=self.image_size, generator=generators,
+            ).cpu()  # fmt: skip
+        model.train(was_training)
+        save_grid(images, self.samples_per_prompt, self.grid_dir, out_dir, step)
+        return clip_metrics(self.clip, images, prompts)

@@ -1,4 +1,5 @@
-"""Generating samples from a model with any sampler: the model-facing closures and one sampling call."""
+"""Generating samples from a model with any sampler: the model-facing closures, one sampling call, the
+per-index image sampler that sample folders are written with, and the sampler's settings for metrics.json."""
 
 from __future__ import annotations
 
@@ -165,3 +166,9 @@ class ImageSampler:
         )
         x = solution.x if self.decode is None else self.decode(solution.x)
         return to_unit_range(x).cpu()
+
+
+def sampler_settings(sampler: Sampler) -> dict[str, Any]:
+    """The sampler by name and settings, for metrics.json: ``eval/sampler`` (``meanflow``, ``ddpm``),
+    ``eval/solver`` (its label with settings, ``dopri5(atol=1e-05, rtol=1e-05)``)."""
+    return {"eval/sampler": sampler.name, "eval/solver": sampler.label()}

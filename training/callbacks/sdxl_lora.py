@@ -1,4 +1,4 @@
-"""Training-time machinery of SDXL LoRA (``adapter=sdxl_lora``): checks the data fits the model
+"""Training-time machinery of SDXL LoRA (``adapter_training=sdxl_lora``): checks the data fits the model
 before the first step, and writes the LoRA files beside every checkpoint.
 
 Beside ``last.pt`` (the training state: LoRA weights, optimizer, step, RNG, for an exact resume)
@@ -15,10 +15,7 @@ from typing import Any
 
 from adapters.sdxl import SDXLLoRA
 from dataloaders.sdxl_cache import SDXLCacheData
-from training.callbacks import Callback
-from training.checkpoint import load_checkpoint
-from training.errors import UserError
-from training.inference import model_from_state
+from training.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,9 @@ class SDXLLoraTraining(Callback):
     def on_train_start(self, trainer: Any, data: Any) -> None:
         model = trainer.model
         if not isinstance(model, SDXLLoRA):
-            raise ValueError(f"adapter=sdxl_lora trains model=sdxl_lora, not {type(model).__name__}; drop adapter=")
+            raise ValueError(
+                f"adapter_training=sdxl_lora trains model=sdxl_lora, not {type(model).__name__}; drop adapter_training="
+            )
         if isinstance(data, SDXLCacheData):
             if model.text_encoder_lora:
                 raise ValueError(
@@ -58,24 +57,3 @@ class SDXLLoraTraining(Callback):
         model = trainer.ema.module if self.export_ema else trainer.model
         written = model.save_lora(lora_folder(path), kohya=self.export_kohya)
         log.info("LoRA weights: %s", ", ".join(str(p) for p in written))
-
-
-def export_checkpoint(
-    checkpoint: Path,
-    out_dir: Path,
-    kohya: bool,
-    diffusers: bool = True,
-    use_ema: bool = False,
-    pretrained: str | None = None,
-) -> list[Path]:
-    """The LoRA files of a training checkpoint in ``out_dir`` (the model rebuilt from the checkpoint's
-    config, ``pretrained`` replacing its SDXL path if given); returns their paths, diffusers' first."""
-    state = load_checkpoint(checkpoint, "checkpoint")
-    if state["config"].get("model", {}).get("_target_") != "adapters.sdxl.SDXLLoRA":
-        raise UserError(f"{checkpoint} is not an SDXL LoRA checkpoint (model={state['config'].get('model_name')})")
-    if pretrained is not None:
-        state["config"]["model"]["pretrained"] = pretrained
-    model = model_from_state(state, checkpoint, use_ema=use_ema)
-    if not isinstance(model, SDXLLoRA):
-        raise UserError(f"{checkpoint} rebuilt a {type(model).__name__}, not an SDXL LoRA model")
-    return model.save_lora(out_dir, diffusers=diffusers, kohya=kohya)

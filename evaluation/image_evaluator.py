@@ -1,0 +1,67 @@
+"""The image evaluator (``eval=image``): the energy evaluator on pixels or latents, plus FID/KID of
+the samples at the final evaluation (``eval.fid``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dataloaders.base import HeldOut
+from evaluation.contract import EvalContext
+from evaluation.energy_evaluator import EnergyDistanceEval, budget_nfe
+from evaluation.sample_generation import ImageSampler
+from solvers.base import Sampler
+
+
+class ImageEval(EnergyDistanceEval):
+    """Image samples: energy distance on flattened pixels, grids instead of scatter plots, and
+    at the final evaluation FID/KID when ``fid`` is enabled (``eval.fid.num_samples > 0``).
+
+    Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] (raw latents for latent data)
+    and ``grid_{key}.png`` per budget, plus ``grid_data.png`` of held-out images; latent samples
+    are decoded to pixels for the grids and FID, and scored in latent space by energy distance.
+    """
+
+    data_kinds = ("image", "latent")
+
+    def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
+        metrics = super().__call__(model, solver, data, ctx)
+        if ctx.out_dir is None or self.fid is None or not self.fid.enabled:
+            return metrics
+        was_training = model.training
+        model.eval()
+        decode = data.decode
+        generators = {
+            key: ImageSampler(
+                model,
+                solver,
+                budget_nfe(key),
+                tuple(data.reference.shape[1:]),
+                ctx.device,
+                ctx.autocast,
+                self.fid.seed,
+                data.num_classes,
+                self.guidance_scale,
+                None if decode is None else (lambda z: decode(z.to(ctx.device))),
+            )
+            for key in self.budgets(solver, self.fid.nfe)
+        }
+        settings = self.settings(solver)
+        folder_settings = {
+            "source": ctx.source,
+            "solver": settings["eval/solver"],
+            "guidance_scale": self.guidance_scale,
+        }
+        metrics.update(self.fid(generators, folder_settings, ctx.device))
+        model.train(was_training)
+        return metrics
+
+    def prepare(self, device: torch.device) -> None:
+        if self.fid is not None and self.fid.enabled:
+            self.fid.reference_stats(device)
+
+    def settings(self, solver: Sampler) -> dict[str, Any]:
+        fid = {} if self.fid is None or not self.fid.enabled else self.fid.settings()
+        return {**super().settings(solver), **fid}
