@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from training.cli import exit_code
 from training.errors import UserError
 
 if TYPE_CHECKING:
@@ -442,11 +443,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from models.fingerprint import with_digest
+from training.cli import exit_code
 from training.errors import UserError
 from training.inference import export_lora_checkpoint, load_model
 
@@ -91,18 +92,18 @@ def export_lora(args: argparse.Namespace, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # ValueError: SDXL weights that cannot be found (SDXLWeightsError)
+    return exit_code(lambda: run(args), (UserError, ValueError))
+
+
+def run(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.parent / f"export_{args.checkpoint.stem}"
-    try:
-        if args.lora:
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-            for path in export_lora(args, out):
-                print(path)
-            return 0
-        paths = export(args.checkpoint, out, use_ema=not args.raw)
-    except (UserError, ValueError) as e:  # ValueError: SDXL weights that cannot be found (SDXLWeightsError)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
+    if args.lora:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        for path in export_lora(args, out):
+            print(path)
+        return 0
+    for path in export(args.checkpoint, out, use_ema=not args.raw):
         print(f"wrote {path}")
     return 0
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from evaluation.errors import EvaluationError
 from evaluation.fid_reference_stats import NAME, folder_statistics, stats_path
-from evaluation.inception_features import MODES, FeatureExtractor, load_inception
+from evaluation.inception_features import MODES, FeatureExtractor, FeatureOptions, load_inception
 from evaluation.sample_folder_writer import sample_path, save_png
+from training.cli import exit_code
 from training.errors import UserError
 
 log = logging.getLogger("fid_stats")
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace, extractor: FeatureExtractor | None = None) -> 
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to recompute it")
     extractor = extractor or load_inception(args.mode, args.inception_path, args.device)
-    folder_statistics(root, extractor, name, stats_dir, resolution, args.batch_size, args.num_workers, keep=args.keep)
+    options = FeatureOptions(resolution=resolution, batch_size=args.batch_size, num_workers=args.num_workers)
+    folder_statistics(root, extractor, name, stats_dir, options, keep=args.keep)
     return out
 
 
@@ -122,12 +124,11 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
     if not args.source:
         print("error: give a registered set or a folder (see --list)", file=sys.stderr)
         return 2
-    try:
-        out = run(args, extractor)
-    except (UserError, EvaluationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"statistics: {out} (use eval.fid.reference={out.name.removesuffix(f'_{args.mode}.npz')})")
+    return exit_code(lambda: report(run(args, extractor), args.mode), (UserError, EvaluationError))
+
+
+def report(out: Path, mode: str) -> int:
+    print(f"statistics: {out} (use eval.fid.reference={out.name.removesuffix(f'_{mode}.npz')})")
     return 0
 
 

@@ -36,10 +36,10 @@ from torchvision.utils import save_image
 from adapters.sdxl import sample
 from adapters.sdxl_components import SDXLWeightsError, dtype_of, load_components
 from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_base, read_safetensors
-from training.inference import export_lora_checkpoint
 from models.fingerprint import weights_fingerprint
-from training.cli import positive_int
+from training.cli import exit_code, positive_int
 from training.errors import UserError
+from training.inference import export_lora_checkpoint
 
 log = logging.getLogger("generate")
 
@@ -185,12 +185,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        written = generate(args)
-    except (UserError, SDXLWeightsError, LoraFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} images (+ .txt, .json) to {args.out_dir}")
+    return exit_code(lambda: report(generate(args), args.out_dir), (UserError, SDXLWeightsError, LoraFileError))
+
+
+def report(written: list[Path], out_dir: str) -> int:
+    print(f"wrote {len(written)} images (+ .txt, .json) to {out_dir}")
     return 0
 
 

@@ -39,7 +39,7 @@ from adapters.open_clip_loader import architecture_dim
 from dataloaders.clip_cache import CacheInfo, shard_cache_root, stored_pretrained
 from dataloaders.clip_cache_check import Expected, Report, validate_folder, validate_shards
 from dataloaders.clip_cache_writer import ReadOptions, precompute_folder, precompute_shards
-from training.cli import positive_int
+from training.cli import exit_code, positive_int
 
 log = logging.getLogger("precompute_clip")
 
@@ -136,11 +136,8 @@ def validate_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return validate_command(args) if args.validate else precompute_command(args)
-    except ValueError as e:  # bad input: a folder, shards or cache that does not fit, an unknown model
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # ValueError: a folder, shards or cache that does not fit, an unknown model
+    return exit_code(lambda: validate_command(args) if args.validate else precompute_command(args), (ValueError,))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from dataloaders.latents import EncodeOptions, LatentRecipe, precompute_latents
-from training.cli import positive_int
+from training.cli import exit_code, positive_int
 from training.compose import CONFIG_DIR, compose_config
 from training.errors import UserError
 from training.run import build
@@ -67,15 +67,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        manifest = run(args)
-    except (UserError, ValueError) as e:  # ValueError: a data set or VAE that does not fit, other settings in --out
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # ValueError: a data set or VAE that does not fit, other settings in --out
+    return exit_code(lambda: report(run(args), args.out), (UserError, ValueError))
+
+
+def report(manifest: dict[str, Any], out: Path) -> int:
     count = sum(s["latents"] for s in manifest["shards"])
     shape = "x".join(map(str, manifest["latent_shape"]))
     shards = len(manifest["shards"])
-    print(f"ok: {count} latents ({shape}, scaling {manifest['scaling_factor']:g}) in {shards} shards in {args.out}")
+    print(f"ok: {count} latents ({shape}, scaling {manifest['scaling_factor']:g}) in {shards} shards in {out}")
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dataloaders.sdxl_cache_writer import SDXLEncoding, precompute_sdxl_cache
-from training.cli import positive_int
+from training.cli import exit_code, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     encoding = SDXLEncoding(args.pretrained, args.config, args.image_size, args.batch_size, args.device,
                             args.text_dtype, args.seed)  # fmt: skip
-    try:
-        counts = precompute_sdxl_cache(args.folder, args.out, encoding)
-    except ValueError as e:  # bad input or unusable SDXL weights (SDXLWeightsError)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # ValueError: bad input or unusable SDXL weights (SDXLWeightsError)
+    return exit_code(lambda: report(precompute_sdxl_cache(args.folder, args.out, encoding)), (ValueError,))
+
+
+def report(counts: dict[str, int]) -> int:
     print(", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -42,6 +42,7 @@ from models.glide import GlideUNet
 from models.glide_tokenizer import GlideTokenizer
 from solvers.diffusion import DiffusionSampler
 from training.checkpoint import FORMAT, check_state
+from training.cli import exit_code
 from training.compose import compose_config
 from training.errors import UserError
 from training.inference import model_from_state
@@ -171,11 +172,10 @@ def run(args: argparse.Namespace) -> Tensor:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse(argv)
-    try:
-        images = run(args)
-    except (UserError, EvaluationError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: save(run(args), args), (UserError, EvaluationError, ValueError))
+
+
+def save(images: torch.Tensor, args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=args.samples)
     folder = args.out.with_suffix("")

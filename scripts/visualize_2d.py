@@ -17,7 +17,7 @@ from solvers.adaptive import Dopri5
 from solvers.base import Sampler
 from solvers.fixed_step import RK4, Euler, Heun, Midpoint
 from solvers.meanflow import MeanFlowSolver
-from training.cli import positive_int
+from training.cli import exit_code, positive_int
 from training.errors import UserError
 from training.inference import load_data, load_model
 
@@ -114,11 +114,10 @@ def visualize(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        paths = visualize(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: report(visualize(args)))
+
+
+def report(paths: list[Path]) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -15,6 +15,18 @@ from losses.meanflow import MeanFlowLoss
 from training import distributed
 from training.callbacks import Callback
 
+# a moons MLP run of seconds, for tests that launch the real entry points (the CLI, Modal's container)
+SMALL_RUN = [
+    "device=cpu",
+    "epochs=1",
+    "dataloaders.num_eval=128",
+    "dataloaders.batch_size=128",
+    "model.hidden=16",
+    "eval.nfe=[2]",
+    "eval.num_samples=128",
+    "eval.trajectory_points=8",
+]
+
 
 class _NaNAfterMixin(Loss):
     """From call ``after + 1`` on (each call is a micro-batch) the loss, and the metric ``term``

@@ -8,20 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import SMALL_RUN
+
 from launcher import check_group_options
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "device=cpu",
-    "epochs=1",
-    "dataloaders.num_train=512",
-    "dataloaders.num_eval=128",
-    "dataloaders.batch_size=128",
-    "model.hidden=16",
-    "eval.nfe=[2]",
-    "eval.num_samples=128",
-    "eval.trajectory_points=8",
-]
+SMALL = [*SMALL_RUN, "dataloaders.num_train=512"]
 
 
 def launch(tmp_path: Path, *args: str, trackio: bool = False) -> subprocess.CompletedProcess:

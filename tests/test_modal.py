@@ -20,6 +20,7 @@ import pytest
 
 modal = pytest.importorskip("modal")
 
+from helpers import SMALL_RUN  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.plugins import Plugins  # noqa: E402
@@ -39,20 +40,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The remote_train function is exe
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "denoising-zoo"
-SMALL = [
-    "dataloaders=moons",
-    "model=mlp",
-    "device=cpu",
-    "epochs=1",
-    "max_steps=5",
-    "dataloaders.num_train=1024",
-    "dataloaders.num_eval=128",
-    "dataloaders.batch_size=128",
-    "model.hidden=16",
-    "eval.nfe=[2]",
-    "eval.num_samples=128",
-    "eval.trajectory_points=8",
-]
+SMALL = ["dataloaders=moons", "model=mlp", *SMALL_RUN, "max_steps=5", "dataloaders.num_train=1024"]
 
 
 def python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
