@@ -106,8 +106,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         (
             "sigterm",
             tmp / "sigterm",
-            [*SMALL, "+adapter_training._target_=helpers.SignalAt", "+adapter_training.step=5",
-             "+adapter_training.rank=0"],
+            [
+                *SMALL,
+                "+adapter_training._target_=helpers.SignalAt",
+                "+adapter_training.step=5",
+                "+adapter_training.rank=0",
+            ],
         ),
     ]
     ctx = mp.get_context("spawn")
