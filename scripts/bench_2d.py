@@ -51,6 +51,7 @@ import importlib.util
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -215,7 +216,7 @@ def bench_one(dataset: str, loss: str, seed: int, steps: int, device: str, root:
     """Ours and torchcfm (when installed) in the order of ``turn``: each gets the warm process in turn."""
     cfg = bench_config(dataset, loss, seed, steps, device, root)
     reference = instantiate(cfg.dataloaders).eval_set  # the held-out set our run is scored on
-    runs = [partial(run_ours, cfg, dataset, loss, reference)]
+    runs: list[Callable[[], list[Result]]] = [partial(run_ours, cfg, dataset, loss, reference)]
     if HAS_TORCHCFM:
         runs.append(lambda: [run_torchcfm(cfg, dataset, loss, reference, steps)])
     results = [r for run in rotated(runs, turn) for r in run()]

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
         folder = Path(tmp)
         weights = weights_table(configs, folder)
         print(f"\nSDXL{' (tiny)' if args.tiny else ''} weights resident during LoRA training")
-        rows = [[r["part"], f"{r['params']:,}", r["dtype"], f"{r['gb']:.3f}"] for r in weights]
-        print(markdown_table(["part", "parameters", "dtype", "GB"], rows, "lrlr"))
+        cells = [[r["part"], f"{r['params']:,}", r["dtype"], f"{r['gb']:.3f}"] for r in weights]
+        print(markdown_table(["part", "parameters", "dtype", "GB"], cells, "lrlr"))
         if args.device != "cuda" and not args.tiny:
             print("\nstep time and peak memory: CUDA only (pass --device cuda on a GPU machine)")
             return weights, []
