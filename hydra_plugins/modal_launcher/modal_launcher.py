@@ -56,8 +56,8 @@ class ModalLauncher(Launcher):
 
     def job(self, num: int, overrides: Sequence[str]) -> Job:
         from training.modal_backend import ModalSpec, container_overrides, with_modal_backend
-        from training.sweep_summary import job_run_name
         from training.outputs import require_run_name
+        from training.sweep_summary import job_run_name
 
         assert self.config is not None and self.hydra_context is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, with_modal_backend(overrides))
