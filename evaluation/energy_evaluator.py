@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from dataloaders.base import HeldOut
-from evaluation.contract import EvalContext
+from evaluation.contract import EvalContext, Evaluator, eval_mode
 from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
 from evaluation.fid_evaluator import FIDEval
@@ -25,7 +26,8 @@ from solvers.base import Sampler
 log = logging.getLogger(__name__)
 
 
-class EnergyDistanceEval:
+@dataclass(kw_only=True, eq=False)
+class EnergyDistanceEval(Evaluator[Sampler]):
     """Sample ``num_samples`` points at each NFE in ``nfe`` and score them against held-out data.
 
     The noise (and, for class-conditional data, the labels: 0, 1, ..., K-1, 0, ...) come from
@@ -35,31 +37,20 @@ class EnergyDistanceEval:
     models with classifier-free guidance. Images are scored on flattened pixels.
     """
 
-    data_kinds: tuple[str, ...] = ("dense", "image", "latent")
-    model_outputs: tuple[str, ...] = ("field",)
+    data_kinds: ClassVar[tuple[str, ...]] = ("dense", "image", "latent")  # ImageEval keeps two of them
+    model_outputs = ("field",)
     uses_sampler = True
 
-    def __init__(
-        self,
-        nfe: list[int],
-        num_samples: int = 5000,
-        every_epochs: int = 10,
-        seed: int = 1234,
-        trajectory_points: int = 256,
-        batch_size: int = 5000,
-        guidance_scale: float = 1.0,
-        fid: FIDEval | None = None,
-        every_steps: int = 0,
-    ):
-        self.nfe = list(nfe)
-        self.num_samples = num_samples
-        self.every_epochs = every_epochs
-        self.seed = seed
-        self.trajectory_points = trajectory_points
-        self.batch_size = batch_size
-        self.guidance_scale = guidance_scale
-        self.fid = fid
-        self.every_steps = every_steps
+    nfe: list[int]
+    num_samples: int = 5000
+    every_epochs: int = 10  # Evaluator's settings, with this evaluator's defaults
+    seed: int = 1234
+    trajectory_points: int = 256
+    batch_size: int = 5000
+    fid: FIDEval | None = None
+
+    def __post_init__(self) -> None:
+        self.nfe = list(self.nfe)
 
     def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
         """Scores as flat keys (``eval/energy_distance@nfe10``); with ``ctx.out_dir`` (the final
@@ -68,20 +59,18 @@ class EnergyDistanceEval:
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.num_samples, *reference.shape[1:], generator=g)
         labels = torch.arange(self.num_samples) % data.num_classes if data.num_classes else None
-        was_training = model.training
-        model.eval()
         metrics: dict[str, float] = {}
         samples: dict[str, Tensor] = {}
         trajectory = None
         keys = self.budgets(solver)
-        for i, key in enumerate(keys):
-            want_path = self.trajectory_points if (ctx.out_dir is not None and i == len(keys) - 1) else 0
-            x, used, path = self._generate(model, solver, noise, labels, budget_nfe(key), ctx, want_path)
-            metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(ctx.device), reference.to(ctx.device))
-            metrics[f"eval/nfe_used@{key}"] = float(used)
-            samples[key] = x
-            trajectory = path if path is not None else trajectory
-        model.train(was_training)
+        with eval_mode(model):
+            for i, key in enumerate(keys):
+                want_path = self.trajectory_points if (ctx.out_dir is not None and i == len(keys) - 1) else 0
+                x, used, path = self._generate(model, solver, noise, labels, budget_nfe(key), ctx, want_path)
+                metrics[f"eval/energy_distance@{key}"] = energy_distance(x.to(ctx.device), reference.to(ctx.device))
+                metrics[f"eval/nfe_used@{key}"] = float(used)
+                samples[key] = x
+                trajectory = path if path is not None else trajectory
         if ctx.out_dir is not None:
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             decode = data.decode
@@ -90,7 +79,6 @@ class EnergyDistanceEval:
         return metrics
 
     def prepare(self, device: torch.device) -> None:
-        """Load what evaluation needs before any training, so a missing piece fails fast."""
         if self.fid is not None and self.fid.enabled:
             raise EvaluationError(
                 "FID/KID need image samples; eval=energy scores points: use eval=image with image data"
@@ -101,13 +89,7 @@ class EnergyDistanceEval:
         return ["adaptive"] if solver.adaptive else [f"nfe{n}" for n in (self.nfe if nfe is None else nfe)]
 
     def settings(self, solver: Sampler) -> dict[str, Any]:
-        """How the scores were made, for metrics.json beside them."""
-        return {
-            **sampler_settings(solver),
-            "eval/num_samples": self.num_samples,
-            "eval/seed": self.seed,
-            "eval/guidance_scale": self.guidance_scale,
-        }
+        return {**sampler_settings(solver), "eval/num_samples": self.num_samples, **super().settings(solver)}
 
     def _generate(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ from evaluation.energy_distance import energy_distance
 from evaluation.errors import EvaluationError
 from evaluation.fid_reference_stats import reference_statistics
 from evaluation.fid_statistics import Statistics, fid, kid
-from evaluation.inception_features import FeatureExtractor, check_mode, features, load_inception, resolution_of
+from evaluation.inception_features import (
+    FeatureExtractor,
+    FeatureOptions,
+    check_mode,
+    load_inception,
+    resolution_of,
+)
 from evaluation.sample_folder_writer import write_samples
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 Generate = Callable[[int, int], Tensor]
 
 
+@dataclass(kw_only=True, eq=False)
 class FIDEval:
     """Scores ``num_samples`` generated images per NFE budget against ``reference``; off when
     ``num_samples`` is 0.
@@ -37,70 +45,59 @@ class FIDEval:
     its name and are never compared with Inception statistics.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 0,
-        nfe: list[int] | None = None,
-        reference: str | None = None,
-        mode: str = "clean",
-        inception_path: str | None = None,
-        kid: bool = True,
-        batch_size: int = 250,
-        feature_batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        resolution: int | None = None,
-        energy_distance_samples: int = 2000,
-        stats_dir: str = "outputs/fid_stats",
-        sample_dir: str = "outputs/samples",
-        progress: bool = True,
-        extractor: FeatureExtractor | None = None,
-    ):
-        if num_samples < 0:
-            raise EvaluationError(f"eval.fid.num_samples must be >= 0 (0 = off), got {num_samples}")
-        if num_samples and not reference:
+    num_samples: int = 0
+    nfe: list[int] | None = None
+    reference: str | None = None
+    mode: str = "clean"
+    inception_path: str | None = None
+    kid: bool = True
+    batch_size: int = 250
+    feature_batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 0
+    resolution: int | None = None
+    energy_distance_samples: int = 2000
+    stats_dir: str = "outputs/fid_stats"
+    sample_dir: str = "outputs/samples"
+    progress: bool = True
+    extractor: FeatureExtractor | None = None
+    _reference: Statistics | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0:
+            raise EvaluationError(f"eval.fid.num_samples must be >= 0 (0 = off), got {self.num_samples}")
+        if self.num_samples and not self.reference:
             raise EvaluationError(
                 "eval.fid.num_samples > 0 needs eval.fid.reference (a statistics name, an .npz file, a folder of "
                 "images, or cleanfid:<dataset>:<split>:<res>)"
             )
-        self.num_samples = num_samples
-        self.nfe = None if nfe is None else list(nfe)
-        self.reference = reference
-        self.mode = check_mode(mode)
-        self.inception_path = inception_path
-        self.kid = kid
-        self.batch_size = batch_size
-        self.feature_batch_size = feature_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.resolution = resolution
-        self.energy_distance_samples = energy_distance_samples
-        self.stats_dir = Path(stats_dir)
-        self.sample_dir = Path(sample_dir)
-        self.progress = progress
-        self._extractor = extractor
-        self._reference: Statistics | None = None
+        self.nfe = None if self.nfe is None else list(self.nfe)
+        self.mode = check_mode(self.mode)
 
     @property
     def enabled(self) -> bool:
         return self.num_samples > 0
 
-    def extractor(self, device: torch.device) -> FeatureExtractor:
-        if self._extractor is None:
-            self._extractor = load_inception(self.mode, self.inception_path, device)
-        return self._extractor
+    @property
+    def feature_options(self) -> FeatureOptions:
+        """How the reference folder and the samples become features: the same for both."""
+        return FeatureOptions(
+            resolution=self.resolution,
+            batch_size=self.feature_batch_size,
+            num_workers=self.num_workers,
+            progress=self.progress,
+        )
+
+    def load_extractor(self, device: torch.device) -> FeatureExtractor:
+        if self.extractor is None:
+            self.extractor = load_inception(self.mode, self.inception_path, device)
+        return self.extractor
 
     def reference_stats(self, device: torch.device) -> Statistics:
         if self._reference is None:
             assert self.reference is not None
             self._reference = reference_statistics(
-                self.reference,
-                self.extractor(device),
-                self.stats_dir,
-                self.resolution,
-                self.feature_batch_size,
-                self.num_workers,
-                self.progress,
+                self.reference, self.load_extractor(device), Path(self.stats_dir), self.feature_options
             )
         return self._reference
 
@@ -119,11 +116,11 @@ class FIDEval:
         """Scores per budget key (``eval/fid@nfe10``, ``eval/kid@nfe10``, ...) for the samples each
         ``generators[key]`` makes; ``settings`` (checkpoint, solver, guidance) label the sample folders."""
         reference = self.reference_stats(device)
-        extractor = self.extractor(device)
+        extractor = self.load_extractor(device)
         metrics: dict[str, float] = {}
         for key, generate in generators.items():
             solver = str(settings.get("solver", "solver")).split("(")[0]
-            folder = self.sample_dir / f"{key}_{solver}_w{settings.get('guidance_scale', 1.0):g}_seed{self.seed}"
+            folder = Path(self.sample_dir) / f"{key}_{solver}_w{settings.get('guidance_scale', 1.0):g}_seed{self.seed}"
             files = write_samples(
                 folder,
                 self.num_samples,
@@ -132,15 +129,7 @@ class FIDEval:
                 {**settings, "budget": key, "seed": self.seed},
                 self.progress,
             )
-            feats = features(
-                files,
-                extractor,
-                self.feature_batch_size,
-                self.num_workers,
-                resolution=self.resolution,
-                progress=self.progress,
-                desc=f"features {key}",
-            )
+            feats = self.feature_options.extract(files, extractor, desc=f"features {key}")
             resolution = resolution_of(files[:1], self.mode, self.resolution)  # one model: one sample size
             stats = Statistics.from_features(feats, self.mode, extractor.name, resolution, source=str(folder))
             metrics[f"eval/fid@{key}"] = fid(stats, reference)

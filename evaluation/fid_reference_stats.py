@@ -21,11 +21,12 @@ from cleanfid.features import get_reference_statistics
 
 from evaluation.errors import EvaluationError
 from evaluation.fid_statistics import Statistics
-from evaluation.inception_features import INCEPTION_NAME, FeatureExtractor, features, list_images, resolution_of
+from evaluation.inception_features import INCEPTION_NAME, FeatureExtractor, FeatureOptions, list_images, resolution_of
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_OPTIONS = FeatureOptions()
 
 
 def stats_path(stats_dir: Path, name: str, mode: str) -> Path:
@@ -37,31 +38,20 @@ def folder_statistics(
     extractor: FeatureExtractor,
     name: str,
     stats_dir: Path,
-    resolution: int | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
+    options: FeatureOptions = DEFAULT_OPTIONS,
     keep: int = 10_000,
-    progress: bool = True,
 ) -> Statistics:
-    """Statistics of every image under ``folder``, saved as ``<stats_dir>/<name>_<mode>.npz``.
+    """Statistics of every image under ``folder``, saved as ``<stats_dir>/<name>_<mode>.npz``; ``keep``
+    features are stored beside them for KID.
 
     Feature chunks are kept in ``<name>_<mode>.partial/`` until the statistics are written, so an
     interrupted run resumes where it stopped.
     """
     files = list_images(folder)
-    res = resolution_of(files, extractor.mode, resolution)
+    res = resolution_of(files, extractor.mode, options.resolution)
     out = stats_path(stats_dir, name, extractor.mode)
     partial = out.with_name(out.stem + ".partial")
-    feats = features(
-        files,
-        extractor,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        resolution=resolution,
-        cache_dir=partial,
-        progress=progress,
-        desc=f"reference {name}",
-    )
+    feats = options.extract(files, extractor, cache_dir=partial, desc=f"reference {name}")
     stats = Statistics.from_features(feats, extractor.mode, extractor.name, res, source=str(folder), keep=keep)
     stats.save(out)
     for chunk in partial.iterdir():
@@ -115,12 +105,9 @@ def reference_statistics(
     spec: str,
     extractor: FeatureExtractor,
     stats_dir: Path,
-    resolution: int | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
+    options: FeatureOptions = DEFAULT_OPTIONS,
 ) -> Statistics:
-    """The statistics ``spec`` names (see the module docstring)."""
+    """The statistics ``spec`` names (see the module docstring); a folder's are computed with ``options``."""
     if spec.startswith("cleanfid:"):
         return _cleanfid_statistics(spec, extractor, stats_dir)
     path = Path(spec).expanduser()
@@ -136,9 +123,7 @@ def reference_statistics(
             if stats.count == count and stats.extractor == extractor.name:
                 return stats
             log.info("reference folder %s changed (%d images, cache has %d); recomputing", path, count, stats.count)
-        return folder_statistics(
-            path, extractor, name, stats_dir, resolution, batch_size, num_workers, progress=progress
-        )
+        return folder_statistics(path, extractor, name, stats_dir, options)
     if not NAME.match(spec):
         raise EvaluationError(f"reference '{spec}' is not a folder, an .npz file or a statistics name")
     cached = stats_path(stats_dir, spec, extractor.mode)

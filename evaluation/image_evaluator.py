@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dataloaders.base import HeldOut
-from evaluation.contract import EvalContext
+from evaluation.contract import EvalContext, eval_mode
 from evaluation.energy_evaluator import EnergyDistanceEval, budget_nfe
 from evaluation.sample_generation import ImageSampler
 from solvers.base import Sampler
@@ -30,8 +30,6 @@ class ImageEval(EnergyDistanceEval):
         metrics = super().__call__(model, solver, data, ctx)
         if ctx.out_dir is None or self.fid is None or not self.fid.enabled:
             return metrics
-        was_training = model.training
-        model.eval()
         decode = data.decode
         generators = {
             key: ImageSampler(
@@ -54,8 +52,8 @@ class ImageEval(EnergyDistanceEval):
             "solver": settings["eval/solver"],
             "guidance_scale": self.guidance_scale,
         }
-        metrics.update(self.fid(generators, folder_settings, ctx.device))
-        model.train(was_training)
+        with eval_mode(model):
+            metrics.update(self.fid(generators, folder_settings, ctx.device))
         return metrics
 
     def prepare(self, device: torch.device) -> None:

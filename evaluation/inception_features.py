@@ -223,6 +223,33 @@ def features(
     return np.concatenate(parts)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FeatureOptions:
+    """How a set of images becomes features: center-cropped and resized to ``resolution`` (None: as
+    they are), ``batch_size`` at a time through ``num_workers`` loader workers, with a progress bar
+    when ``progress``. One object serves the reference statistics and the samples scored against them."""
+
+    resolution: int | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+
+    def extract(
+        self, files: Sequence[Path], extractor: FeatureExtractor, cache_dir: Path | None = None, desc: str = "features"
+    ) -> np.ndarray:
+        """``features`` of ``files`` with these options."""
+        return features(
+            files,
+            extractor,
+            self.batch_size,
+            self.num_workers,
+            self.resolution,
+            cache_dir,
+            progress=self.progress,
+            desc=desc,
+        )
+
+
 def _prepare_chunk_cache(
     cache_dir: Path, files: Sequence[Path], extractor: FeatureExtractor, resolution: int | None, chunk_size: int
 ) -> None:

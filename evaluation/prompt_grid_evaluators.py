@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from torchvision.utils import save_image
 
 from dataloaders.base import HeldOut
 from evaluation.clip_score import CLIPScore, read_prompts
-from evaluation.contract import EvalContext
+from evaluation.contract import EvalContext, Evaluator, SamplerT, eval_mode
 from evaluation.errors import EvaluationError
 from evaluation.sample_generation import sample, sampler_settings
 from solvers.base import Sampler
@@ -48,77 +49,72 @@ def fixed_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[s
     return list(prompts)
 
 
-def clip_metrics(clip: CLIPScore | None, images: Tensor, prompts: list[str]) -> dict[str, float]:
-    """``eval/clip_score`` of the images against their prompts, when a CLIP scorer is set."""
-    if clip is None:
-        return {}
-    return {"eval/clip_score": float(clip.score_images(images, prompts).mean())}
+@dataclass(kw_only=True, eq=False)
+class PromptGrid(Evaluator[SamplerT]):
+    """What both prompt-grid evaluators share: ``prompts`` (a list) or ``prompts_file`` (one per line)
+    name what to draw, ``samples_per_prompt`` images of ``image_size`` each, written as one grid
+    (``grid_dir``/grid_step*.png during training, grid_final.png there and in the run directory at
+    the end); with ``clip`` set, their CLIP score against the prompts is logged."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    samples_per_prompt: int = 1
+    image_size: int = 64
+    grid_dir: str | None = None
+    clip: CLIPScore | None = None
+
+    def __post_init__(self) -> None:
+        self.prompts = fixed_prompts(self.prompts, self.prompts_file)
+
+    def settings(self, sampler: SamplerT) -> dict[str, Any]:
+        return {**super().settings(sampler), "eval/num_prompts": len(self.prompts)}
+
+    def repeated_prompts(self) -> list[str]:
+        """Each prompt ``samples_per_prompt`` times in a row: one grid row per prompt."""
+        return [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+
+    def finish(self, images: Tensor, prompts: list[str], ctx: EvalContext) -> dict[str, float]:
+        """Write the grid of ``images`` (N, 3, H, W) in [0, 1]; their ``eval/clip_score`` against
+        ``prompts``, when a CLIP scorer is set."""
+        self.save_grid(images, ctx)
+        if self.clip is None:
+            return {}
+        return {"eval/clip_score": float(self.clip.score_images(images, prompts).mean())}
+
+    def save_grid(self, images: Tensor, ctx: EvalContext) -> None:
+        """``grid_step*.png`` in ``grid_dir`` during training; ``grid_final.png`` in both folders at
+        the end (``ctx.out_dir`` given). One row per prompt when it has several samples."""
+        grid_dir = Path(self.grid_dir) if self.grid_dir else None
+        folders = [d for d in (grid_dir, ctx.out_dir) if d is not None]
+        name = "grid_final.png" if ctx.out_dir is not None else f"grid_step{ctx.step or 0:07d}.png"
+        per_prompt = self.samples_per_prompt
+        for folder in folders if ctx.out_dir is not None else folders[:1]:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(images, folder / name, nrow=per_prompt if per_prompt > 1 else 8)
 
 
-def save_grid(images: Tensor, per_prompt: int, grid_dir: Path | None, out_dir: Path | None, step: int | None) -> None:
-    """``grid_step*.png`` in ``grid_dir`` during training; ``grid_final.png`` in both folders at the end
-    (``out_dir`` given). One row per prompt when it has several samples."""
-    folders = [d for d in (grid_dir, out_dir) if d is not None]
-    name = "grid_final.png" if out_dir is not None else f"grid_step{step or 0:07d}.png"
-    for folder in folders if out_dir is not None else folders[:1]:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_image(images, folder / name, nrow=per_prompt if per_prompt > 1 else 8)
-
-
-class PromptGridEval:
+@dataclass(kw_only=True, eq=False)
+class PromptGridEval(PromptGrid[Sampler]):
     """Samples ``samples_per_prompt`` images for each prompt and writes them as one grid.
 
-    ``prompts`` (a list) or ``prompts_file`` (one per line) name what to draw; ``tokenizer`` is the
-    data's; the sampler is the run's diffusion sampler at its configured respacing (``grid(0)``).
-    ``low_res_size`` makes the evaluation an upsampler's. ``clip_encoder`` (anything
-    with ``encode_text(prompts) -> (N, D)``, e.g. ``adapters.clip_encoder.FrozenClip``) adds the
-    prompts' CLIP embeddings as ``cond["clip"]``, for models with a CLIP adapter; guidance then acts
-    on the text, with the CLIP embedding in both halves.
+    ``tokenizer`` is the data's; the sampler is the run's diffusion sampler at its configured
+    respacing (``grid(0)``). ``low_res_size`` makes the evaluation an upsampler's. ``clip_encoder``
+    (anything with ``encode_text(prompts) -> (N, D)``, e.g. ``adapters.clip_encoder.FrozenClip``)
+    adds the prompts' CLIP embeddings as ``cond["clip"]``, for models with a CLIP adapter; guidance
+    then acts on the text, with the CLIP embedding in both halves.
     """
 
     data_kinds = ("captioned",)
     model_outputs = ("eps_var",)
     uses_sampler = True
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        prompts: list[str] | None = None,
-        prompts_file: str | None = None,
-        samples_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
-        seed: int = 0,
-        image_size: int = 64,
-        low_res_size: int | None = None,
-        every_epochs: int = 1,
-        every_steps: int = 0,
-        grid_dir: str | None = None,
-        clip: CLIPScore | None = None,
-        clip_encoder: ClipTextEncoder | None = None,
-    ):
-        self.tokenizer = tokenizer
-        self.prompts = fixed_prompts(prompts, prompts_file)
-        self.samples_per_prompt = samples_per_prompt
-        self.guidance_scale = guidance_scale
-        self.seed = seed
-        self.image_size = image_size
-        self.low_res_size = low_res_size
-        self.every_epochs = every_epochs
-        self.every_steps = every_steps
-        self.grid_dir = Path(grid_dir) if grid_dir else None
-        self.clip = clip
-        self.clip_encoder = clip_encoder
-
-    def prepare(self, device: torch.device) -> None:
-        """Nothing to load ahead: the CLIP scorer, if any, was built with the config."""
+    tokenizer: Tokenizer
+    guidance_scale: float = 3.0  # Evaluator's, with this evaluator's default
+    low_res_size: int | None = None
+    clip_encoder: ClipTextEncoder | None = None
 
     def settings(self, solver: Sampler) -> dict[str, Any]:
-        return {
-            **sampler_settings(solver),
-            "eval/guidance_scale": self.guidance_scale,
-            "eval/seed": self.seed,
-            "eval/num_prompts": len(self.prompts),
-        }
+        return {**sampler_settings(solver), **super().settings(solver)}
 
     def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
         device = ctx.device
@@ -127,23 +123,20 @@ class PromptGridEval:
             cond["clip"] = self.clip_encoder.encode_text(prompts).to(device)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(len(prompts), 3, self.image_size, self.image_size, generator=g).to(device)
-        was_training = model.training
-        model.eval()
-        solution, _ = sample(
-            model, solver, noise, 0, ctx.autocast, 0, cond, self.guidance_scale,
-            torch.Generator(device).manual_seed(self.seed),
-        )  # fmt: skip
-        model.train(was_training)
+        with eval_mode(model):
+            solution, _ = sample(
+                model, solver, noise, 0, ctx.autocast, 0, cond, self.guidance_scale,
+                torch.Generator(device).manual_seed(self.seed),
+            )  # fmt: skip
         images = ((solution.x.float() + 1) / 2).clamp(0, 1).cpu()
-        save_grid(images, self.samples_per_prompt, self.grid_dir, ctx.out_dir, ctx.step)
-        return clip_metrics(self.clip, images, prompts)
+        return self.finish(images, prompts, ctx)
 
     def _conditioning(
         self, reference: Tensor, captions: list[str] | None, device: torch.device
     ) -> tuple[list[str], dict[str, Tensor]]:
         """Prompts repeated ``samples_per_prompt`` times, tokenized; an upsampler's low-res inputs."""
         if self.low_res_size is None:
-            prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+            prompts = self.repeated_prompts()
             tokens, mask = self.tokenizer(prompts)
             return prompts, {"tokens": tokens.to(device), "mask": mask.to(device)}
         if captions is None or len(reference) == 0:
@@ -157,65 +150,37 @@ class PromptGridEval:
         return prompts, {"tokens": tokens.to(device), "mask": mask.to(device), "low_res": low.to(device)}
 
 
-class PipelinePromptEval:
-    """``samples_per_prompt`` images per prompt through the model's pipeline, written as one grid
-    (``grids/grid_step*.png`` during training, ``grid_final.png`` in the run directory at the end);
-    with ``clip`` set, their CLIP score against the prompts is logged."""
+@dataclass(kw_only=True, eq=False)
+class PipelinePromptEval(PromptGrid[None]):
+    """``samples_per_prompt`` images per prompt through the model's pipeline in
+    ``num_inference_steps`` steps, each from its own seed (``seed + index``)."""
 
     data_kinds = ("captioned", "sdxl_cache")
     model_outputs = ("pipeline",)
     uses_sampler = False  # the model's own pipeline and scheduler sample it
 
-    def __init__(
-        self,
-        prompts: list[str] | None = None,
-        prompts_file: str | None = None,
-        samples_per_prompt: int = 1,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
-        image_size: int = 512,
-        seed: int = 0,
-        every_epochs: int = 1,
-        every_steps: int = 0,
-        grid_dir: str | None = None,
-        clip: CLIPScore | None = None,
-    ):
-        self.prompts = fixed_prompts(prompts, prompts_file)
-        if image_size % 8:
-            raise EvaluationError(f"eval.image_size={image_size} must be a multiple of 8 (the VAE downsamples 8x)")
-        self.samples_per_prompt = samples_per_prompt
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.image_size = image_size
-        self.seed = seed
-        self.every_epochs = every_epochs
-        self.every_steps = every_steps
-        self.grid_dir = Path(grid_dir) if grid_dir else None
-        self.clip = clip
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0  # the base classes' settings, with this evaluator's defaults
+    image_size: int = 512
 
-    def prepare(self, device: torch.device) -> None:
-        """Nothing to load ahead: the pipeline is the model's own."""
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size % 8:
+            raise EvaluationError(f"eval.image_size={self.image_size} must be a multiple of 8 (the VAE downsamples 8x)")
 
     def settings(self, solver: None) -> dict[str, Any]:
         return {
             "eval/sampler": "pipeline",  # the model's own diffusers pipeline and scheduler
             "eval/num_inference_steps": self.num_inference_steps,
-            "eval/guidance_scale": self.guidance_scale,
-            "eval/seed": self.seed,
-            "eval/num_prompts": len(self.prompts),
+            **super().settings(solver),
         }
 
     def __call__(self, model: nn.Module, solver: None, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
-        device, step, out_dir = ctx.device, ctx.step, ctx.out_dir
-        prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
-        generators = [torch.Generator(device).manual_seed(self.seed + i) for i in range(len(prompts))]
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), ctx.autocast():
+        prompts = self.repeated_prompts()
+        generators = [torch.Generator(ctx.device).manual_seed(self.seed + i) for i in range(len(prompts))]
+        with eval_mode(model), torch.no_grad(), ctx.autocast():
             images = model.sample(  # type: ignore[operator]
                 prompt=prompts, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                 height=self.image_size, width=self.image_size, generator=generators,
             ).cpu()  # fmt: skip
-        model.train(was_training)
-        save_grid(images, self.samples_per_prompt, self.grid_dir, out_dir, step)
-        return clip_metrics(self.clip, images, prompts)
+        return self.finish(images, prompts, ctx)

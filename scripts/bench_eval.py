@@ -45,7 +45,7 @@ from PIL import Image
 from evaluation.errors import EvaluationError
 from evaluation.fid_reference_stats import reference_statistics
 from evaluation.fid_statistics import Statistics, fid
-from evaluation.inception_features import FeatureExtractor, features, list_images, load_inception
+from evaluation.inception_features import FeatureExtractor, FeatureOptions, features, list_images, load_inception
 from evaluation.sample_folder_writer import write_samples
 from evaluation.sample_generation import ImageSampler
 from models.unet import UNet
@@ -102,8 +102,9 @@ def make_folder(folder: Path, n: int, seed: int) -> Path:
 
 def ours_fid(reference: Path, samples: Path, extractor: FeatureExtractor, batch_size: int, stats_dir: Path) -> float:
     shutil.rmtree(stats_dir, ignore_errors=True)  # computed from the folder every time, as on first use
-    ref = reference_statistics(str(reference), extractor, stats_dir, batch_size=batch_size, progress=False)
-    feats = features(list_images(samples), extractor, batch_size, progress=False)
+    options = FeatureOptions(batch_size=batch_size, progress=False)
+    ref = reference_statistics(str(reference), extractor, stats_dir, options)
+    feats = options.extract(list_images(samples), extractor)
     return fid(Statistics.from_features(feats, extractor.mode, extractor.name, ref.resolution), ref)
 
 

@@ -25,7 +25,7 @@ from evaluation.fid_statistics import Statistics, fid, kid
 from evaluation.inception_features import (
     MODES,
     FeatureExtractor,
-    features,
+    FeatureOptions,
     list_images,
     load_inception,
     resolution_of,
@@ -62,10 +62,9 @@ def score(
     scores: dict[str, Any] = {"folder": str(args.folder), "num_images": len(files)}
     if args.reference:
         extractor = extractor or load_inception(args.mode, args.inception_path, args.device)
-        reference = reference_statistics(
-            args.reference, extractor, Path(args.stats_dir), args.resolution, args.batch_size, args.num_workers
-        )
-        feats = features(files, extractor, args.batch_size, args.num_workers, args.resolution)
+        options = FeatureOptions(resolution=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers)
+        reference = reference_statistics(args.reference, extractor, Path(args.stats_dir), options)
+        feats = options.extract(files, extractor)
         res = resolution_of(files, extractor.mode, args.resolution)  # checked against the reference's by fid()
         stats = Statistics.from_features(feats, extractor.mode, extractor.name, res, source=str(args.folder))
         scores.update({"fid": fid(stats, reference), "fid/mode": extractor.mode, "fid/reference": args.reference})

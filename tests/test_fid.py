@@ -15,8 +15,10 @@ import evaluation.inception_features as inception
 from evaluation.errors import EvaluationError
 from evaluation.fid_reference_stats import folder_statistics, reference_statistics, stats_path
 from evaluation.fid_statistics import Statistics, fid, kid
-from evaluation.inception_features import features, list_images, load_inception
+from evaluation.inception_features import FeatureOptions, features, list_images, load_inception
 from tests.fid_helpers import digit_images, tiny_extractor, write_folder
+
+QUIET = FeatureOptions(progress=False)
 
 N = 96  # images per set: above the test features' 16 dimensions
 
@@ -75,11 +77,11 @@ def test_clean_mode_scores_the_same_way(sets: dict[str, Path]) -> None:
 
 def test_statistics_round_trip_through_the_cache(sets: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     extractor = tiny_extractor()
-    made = folder_statistics(sets["reference"], extractor, "digits", tmp_path, progress=False)
+    made = folder_statistics(sets["reference"], extractor, "digits", tmp_path, QUIET)
     path = stats_path(tmp_path, "digits", "legacy_tensorflow")
     assert path.exists() and not path.with_name("digits_legacy_tensorflow.partial").exists()
     # by name, by file and by folder: loaded, not recomputed
-    monkeypatch.setattr("evaluation.fid_reference_stats.features", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(inception, "features", lambda *a, **k: pytest.fail("recomputed"))
     for spec in ("digits", str(path)):
         loaded = reference_statistics(spec, extractor, tmp_path)
         np.testing.assert_array_equal(loaded.mu, made.mu)
@@ -92,8 +94,8 @@ def test_statistics_round_trip_through_the_cache(sets: dict[str, Path], tmp_path
             "16x16",
         )
     monkeypatch.undo()
-    first = reference_statistics(str(sets["same"]), extractor, tmp_path, progress=False)
-    monkeypatch.setattr("evaluation.fid_reference_stats.features", lambda *a, **k: pytest.fail("recomputed"))
+    first = reference_statistics(str(sets["same"]), extractor, tmp_path, QUIET)
+    monkeypatch.setattr(inception, "features", lambda *a, **k: pytest.fail("recomputed"))
     again = reference_statistics(str(sets["same"]), extractor, tmp_path)
     np.testing.assert_array_equal(first.mu, again.mu)
 
@@ -156,13 +158,14 @@ def test_bad_folders_name_the_problem(tmp_path: Path) -> None:
     broken = write_folder(tmp_path / "broken", digit_images(4, seed=0))
     (broken / "000002.png").write_bytes(b"not a png")
     with pytest.raises(EvaluationError, match="unreadable image .*000002.png"):
-        folder_statistics(broken, extractor, "broken", tmp_path / "stats", progress=False)
+        folder_statistics(broken, extractor, "broken", tmp_path / "stats", QUIET)
     mixed = write_folder(tmp_path / "mixed", digit_images(20, seed=0))
     write_folder(tmp_path / "mixed" / "big", digit_images(20, seed=1, size=24))
     with pytest.raises(EvaluationError, match="mixed sizes .*legacy_tensorflow"):
-        folder_statistics(mixed, extractor, "mixed", tmp_path / "stats", progress=False)
+        folder_statistics(mixed, extractor, "mixed", tmp_path / "stats", QUIET)
     # with a resolution every image is center-cropped and resized to it, so mixed sizes are fine
-    stats = folder_statistics(mixed, extractor, "mixed", tmp_path / "stats", resolution=16, progress=False)
+    resized = FeatureOptions(resolution=16, progress=False)
+    stats = folder_statistics(mixed, extractor, "mixed", tmp_path / "stats", resized)
     assert (stats.count, stats.resolution) == (40, "16x16")
     with pytest.raises(EvaluationError, match="scripts/fid_stats.py cifar10_train --mode legacy_tensorflow"):
         reference_statistics("cifar10_train", extractor, tmp_path / "stats")

@@ -189,8 +189,9 @@ def test_prompt_grid_logs_the_clip_score_of_its_samples(tiny, tmp_path: Path) ->
 
     painter, nothing = Painter(), HeldOut(torch.zeros(0))
 
-    evaluator = PromptGridEval(GlideTokenizer(str(GLIDE_DATA), text_ctx=16), prompts=["a red image", "a blue image"],
-                               image_size=32, grid_dir=str(tmp_path / "grids"), clip=tiny)  # fmt: skip
+    evaluator = PromptGridEval(tokenizer=GlideTokenizer(str(GLIDE_DATA), text_ctx=16),
+                               prompts=["a red image", "a blue image"], image_size=32,
+                               grid_dir=str(tmp_path / "grids"), clip=tiny)  # fmt: skip
     metrics = evaluator(torch.nn.Identity(), painter, nothing, EvalContext(torch.device("cpu"), step=10))
     assert (tmp_path / "grids" / "grid_step0000010.png").is_file()
     evaluator.prompts = ["a blue image", "a red image"]  # the same pictures under the other captions

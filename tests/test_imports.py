@@ -69,9 +69,7 @@ def test_every_project_package_has_a_layer():
 
 
 def test_arrows_between_packages_point_down_only():
-    upward = [
-        f"{a} -> {b} at {', '.join(places)}" for (a, b), places in sorted(arrows().items()) if RANK[b] >= RANK[a]
-    ]
+    upward = [f"{a} -> {b} at {', '.join(places)}" for (a, b), places in sorted(arrows().items()) if RANK[b] >= RANK[a]]
     assert not upward, "imports that point up or sideways:\n" + "\n".join(upward)
 
 

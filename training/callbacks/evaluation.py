@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dataloaders.base import HeldOut
-from evaluation.contract import Autocast, EvalContext
+from evaluation.contract import Autocast, EvalContext, Evaluator
 from evaluation.errors import EvaluationError
 from solvers.base import Sampler
 from training import distributed
@@ -29,7 +29,7 @@ class Scoring:
     """An evaluator with what it scores against: the run's sampler, the held-out data, where it runs.
     Bad evaluation input (a missing reference, an unusable setting) is a one-line ``UserError``."""
 
-    evaluator: Any
+    evaluator: Evaluator[Any]
     sampler: Sampler | None
     held_out: HeldOut
     device: torch.device
