@@ -11,7 +11,8 @@ union the global batch), so N processes see the batches one process sees.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,29 +54,34 @@ def rank_slice(global_batch: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-class TensorLoader:
-    """Shuffled mini-batches of in-memory tensors (data, and labels as ``cond``), one gather each.
+def check(ok: bool, message: str) -> None:
+    """A data set's config check: ``message`` (one line naming the ``dataloaders.*`` key and the fix) unless ``ok``."""
+    if not ok:
+        raise ValueError(message)
 
-    A torch DataLoader over a TensorDataset fetches and collates row by row, which costs
-    more than a whole training step of a small MLP; this loader does not.
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
-    ``batch_size`` is the global batch: under torch.distributed each rank yields its slice of it.
+
+def rank_batches(perm: Tensor, batch_size: int, count: int, shard: slice) -> list[Tensor]:
+    """This rank's rows (``shard``) of each of the first ``count`` global batches of the order ``perm``."""
+    return [perm[i * batch_size : (i + 1) * batch_size][shard] for i in range(count)]
+
+
+@dataclass(eq=False)
+class ShuffledBatches:
+    """What the shuffling loaders share: ``n`` samples in global batches of ``batch_size``, of which this
+    rank takes the rows ``shard`` (under torch.distributed; all of them otherwise), and an ``epoch`` set by
+    ``set_epoch``. The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same
+    batches. ``len``: batches an epoch, a last partial one included unless ``drop_last``.
     """
 
-    def __init__(self, data: Tensor | dict[str, Tensor], batch_size: int, seed: int, drop_last: bool = True):
-        tensors = data if isinstance(data, dict) else {"x1": data}
-        n = len(tensors["x1"])
-        if batch_size > n:
-            raise ValueError(
-                f"batch_size={batch_size} exceeds the {n} training samples; lower batch_size or raise num_train"
-            )
-        self.tensors = tensors
-        self.n = n
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.shard = rank_slice(batch_size)
+    n: int
+    batch_size: int
+    seed: int
+    drop_last: bool = True
+    epoch: int = field(default=0, init=False)
+    shard: slice = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shard = rank_slice(self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -84,12 +90,52 @@ class TensorLoader:
         n, b = self.n, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    @property
+    def epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
+    def epoch_batches(self, device: torch.device | None = None) -> list[Tensor]:
+        """This rank's sample indices of each batch of the epoch (on ``device``)."""
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed)).to(device)
+        return rank_batches(perm, self.batch_size, len(self), self.shard)
+
+
+class TensorLoader(ShuffledBatches):
+    """Shuffled mini-batches of in-memory tensors (data, and labels as ``cond``), one gather each.
+
+    A torch DataLoader over a TensorDataset fetches and collates row by row, which costs
+    more than a whole training step of a small MLP; this loader does not.
+    ``batch_size`` is the global batch: under torch.distributed each rank yields its slice of it.
+    """
+
+    def __init__(self, data: Tensor | dict[str, Tensor], batch_size: int, seed: int, drop_last: bool = True):
+        self.tensors = data if isinstance(data, dict) else {"x1": data}
+        n = len(self.tensors["x1"])
+        if batch_size > n:
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {n} training samples; lower batch_size or raise num_train"
+            )
+        super().__init__(n, batch_size, seed, drop_last)
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).to(self.tensors["x1"].device)
-        for i in range(len(self)):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size][self.shard]
+        for idx in self.epoch_batches(self.tensors["x1"].device):
             yield {key: value.index_select(0, idx) for key, value in self.tensors.items()}
+
+
+class HostTensorLoader(TensorLoader):
+    """``TensorLoader`` over host-resident tensors (a set larger than the device's memory): each batch moves
+    to ``device`` on its own, and ``on_device`` makes it the data set's batch (casts, nesting)."""
+
+    def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int, device: torch.device):
+        super().__init__(tensors, batch_size, seed)
+        self.device = device
+
+    def on_device(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            yield self.on_device({key: value.to(self.device, non_blocking=True) for key, value in batch.items()})
 
 
 class SampledData:

@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import logging
 import random
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.base import DataError, HeldOut, process_shard, rank_slice
+from dataloaders.base import DataError, HeldOut, check, process_shard, rank_batches, rank_slice
 from dataloaders.caption_preprocess import (
     DECODE_ERRORS,
     Preprocess,
     collate_records,
     load_image,
+    make_chunk,
     mix_seed,
     pick_caption,
 )
@@ -65,16 +68,12 @@ def _to_model_range(x: Tensor) -> Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 def check_rgb_unlabelled(channels: int, num_classes: int) -> None:
-    _check(channels == 3, f"captioned images are loaded as RGB: dataloaders.channels must be 3, got {channels}")
-    _check(num_classes == 0, f"captions, not class labels: dataloaders.num_classes must be 0, got {num_classes}")
+    check(channels == 3, f"captioned images are loaded as RGB: dataloaders.channels must be 3, got {channels}")
+    check(num_classes == 0, f"captions, not class labels: dataloaders.num_classes must be 0, got {num_classes}")
 
 
+@dataclass(eq=False)
 class CaptionLoader:
     """The main-process half shared by the caption data sets: chunks from workers → batch dicts.
 
@@ -87,23 +86,19 @@ class CaptionLoader:
     With ``clip`` (a CLIP cache) it adds ``cond["clip"]``, encoding what the cache lacks (``clip_miss``).
     """
 
-    def __init__(self, chunks: Callable[[int], Iterable[dict]], length: int, batch_size: int,
-                 tokenizer: Tokenizer, device: torch.device, seed: int, uncond_p: float, name: str,
-                 stop_at_length: bool = False, clip: ClipCache | None = None,
-                 max_corrupt: float = 0.05):  # fmt: skip
-        self.chunks = chunks
-        self.length = length
-        self.batch_size = batch_size
-        self.tokenizer = tokenizer
-        self.device = device
-        self.seed = seed
-        self.uncond_p = uncond_p
-        self.name = name
-        self.stop_at_length = stop_at_length
-        self.clip = clip
-        self.max_corrupt = max_corrupt  # the fraction of corrupt or unreadable samples an epoch may skip
-        self.epoch = 0
-        self.stats: Counter = Counter()
+    chunks: Callable[[int], Iterable[dict]]
+    length: int
+    batch_size: int
+    tokenizer: Tokenizer
+    device: torch.device
+    seed: int
+    uncond_p: float
+    name: str
+    stop_at_length: bool = False
+    clip: ClipCache | None = None
+    max_corrupt: float = 0.05  # the fraction of corrupt or unreadable samples an epoch may skip
+    epoch: int = field(default=0, init=False)
+    stats: Counter = field(default_factory=Counter, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -163,30 +158,7 @@ class CaptionLoader:
         )
 
 
-def eval_batch(data: EvalData, found: list[ClipFound] | None, device: torch.device) -> dict:
-    """The held-out pairs as one batch of the batch contract (tokens of ``eval_captions``; with a CLIP
-    cache, ``found`` holds what it has for each pair and misses are encoded or refused per ``on_miss``)."""
-    truncated = data.tokenizer.truncated
-    tokens, mask = data.tokenizer(data.eval_captions)
-    data.tokenizer.truncated = truncated  # held-out captions stay out of the training epochs' counts
-    x1 = data.eval_set.to(device)
-    cond = {"tokens": tokens.to(device), "mask": mask.to(device), "sizes": data.eval_sizes.to(device)}
-    if data.eval_low_res is not None:
-        cond["low_res"] = data.eval_low_res.to(device)
-    if data.clip_cache is not None and found is not None:
-        cond["clip"], _ = data.clip_cache.fill(stack_found(found), x1)
-    return {"x1": x1, "cond": cond}
-
-
-class EvalData(Protocol):
-    tokenizer: Tokenizer
-    eval_set: Tensor
-    eval_low_res: Tensor | None
-    eval_captions: list[str]
-    eval_sizes: Tensor
-    clip_cache: ClipCache | None
-
-
+@dataclass(eq=False)
 class CaptionPairs(Dataset):
     """(image path, caption text) pairs → records; a corrupt image is counted and replaced by the next.
 
@@ -194,12 +166,10 @@ class CaptionPairs(Dataset):
     ``clip`` adds each image's cached CLIP embedding (``record["clip"]``).
     """
 
-    def __init__(self, pairs: list[tuple[Path, str]], preprocess: Preprocess, rng_seed: int,
-                 clip: FolderLookup | None = None):  # fmt: skip
-        self.pairs = pairs
-        self.preprocess = preprocess
-        self.rng_seed = rng_seed
-        self.clip = clip
+    pairs: list[tuple[Path, str]]
+    preprocess: Preprocess
+    rng_seed: int
+    clip: FolderLookup | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -248,7 +218,103 @@ def scan_caption_folder(root: Path) -> tuple[list[tuple[Path, str]], Counter]:
     return pairs, counts
 
 
-class CaptionFolderData:
+@dataclass(eq=False, kw_only=True)
+class CaptionedData(ABC):
+    """What the captioned data sets share: their options, checks, crops, held-out batch and training loader.
+
+    A data set declares its source (``root``, ``urls``) and ``tokenizer`` as its two positional fields, reads the
+    source in ``__post_init__`` (after this class's), keeps ``num_eval`` held-out samples with ``_keep_held_out``,
+    and says what a CLIP cache holds for them (``_held_out_clip``) and how an epoch's worker chunks are made
+    (``_chunks``). Options: ``image_size`` (and an upsampler's ``low_res_size``), ``min_crop_scale``,
+    ``crop_jitter``, ``trim_threshold`` (see ``caption_preprocess.Preprocess``); ``uncond_p`` (see
+    ``CaptionLoader``); ``test_run=N`` trains on N samples only; ``seed`` picks the held-out samples and is mixed
+    with the run's seed for crops and order; ``clip_cache``: CLIP embeddings, batches gain ``cond["clip"]``.
+    """
+
+    kind: ClassVar[str] = "captioned"  # what it serves (training/compat.py checks the other pieces against it)
+
+    image_size: int = 64
+    low_res_size: int | None = None
+    channels: int = 3
+    num_classes: int = 0
+    batch_size: int = 4
+    num_workers: int = 0
+    num_eval: int = 8
+    uncond_p: float = 0.0
+    min_crop_scale: float = 0.9
+    crop_jitter: float = 0.1
+    trim_threshold: int = 245
+    test_run: int | None = None
+    seed: int = 0
+    clip_cache: ClipCache | None = None
+
+    if TYPE_CHECKING:  # a field of each data set, declared there to come second, after its source
+
+        @property
+        def tokenizer(self) -> Tokenizer: ...
+
+    def __post_init__(self) -> None:
+        check_rgb_unlabelled(self.channels, self.num_classes)
+        self.preprocess = Preprocess(
+            self.image_size, self.low_res_size, self.min_crop_scale, self.crop_jitter, self.trim_threshold
+        )
+        self.shape: tuple[int, ...] = (3, self.image_size, self.image_size)
+        self.length = 0  # training batches an epoch: set by the data set once it has read its source
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The data set in messages and logs (``captions ROOT``)."""
+
+    @abstractmethod
+    def _held_out_clip(self) -> list[ClipFound] | None:
+        """What the CLIP cache holds for each held-out sample; None without a cache."""
+
+    @abstractmethod
+    def _chunks(
+        self, device: torch.device, run_seed: int, shard: slice, rank: int, world: int
+    ) -> Callable[[int], DataLoader]:
+        """Epoch -> the DataLoader of this rank's worker chunks (``shard`` of each global batch)."""
+
+    def _keep_held_out(self, records: list[dict]) -> None:
+        """The held-out records (centre crops, first caption lines) as ``eval_set`` (n, 3, S, S) in [-1, 1],
+        ``eval_captions``, ``eval_sizes`` (n, 6) (SDXL's size conditioning) and, for an upsampler, ``eval_low_res``."""
+        images, lows, captions, sizes = ([r[k] for r in records] for k in ("image", "low_res", "caption", "sizes"))
+        chunk = make_chunk(images, lows, captions, Counter(), self.shape, sizes)
+        self.eval_set = _to_model_range(chunk["images"])
+        self.eval_captions: list[str] = chunk["captions"]
+        self.eval_sizes: Tensor = chunk["sizes"]
+        self.eval_low_res = None if chunk["low_res"] is None else _to_model_range(chunk["low_res"])
+
+    def eval_batch(self, device: torch.device) -> dict:
+        """The held-out samples as one batch: ``{"x1": eval_set, "cond": {"tokens", "mask", "sizes", ["low_res"],
+        ["clip"]}}``; with a CLIP cache, what it lacks is encoded or refused per its ``on_miss``."""
+        truncated = self.tokenizer.truncated
+        tokens, mask = self.tokenizer(self.eval_captions)
+        self.tokenizer.truncated = truncated  # held-out captions stay out of the training epochs' counts
+        x1 = self.eval_set.to(device)
+        cond = {"tokens": tokens.to(device), "mask": mask.to(device), "sizes": self.eval_sizes.to(device)}
+        if self.eval_low_res is not None:
+            cond["low_res"] = self.eval_low_res.to(device)
+        found = self._held_out_clip()
+        if self.clip_cache is not None and found is not None:
+            cond["clip"], _ = self.clip_cache.fill(stack_found(found), x1)
+        return {"x1": x1, "cond": cond}
+
+    def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
+        """``batch_size`` is the global batch: under torch.distributed each rank loads its slice."""
+        run_seed = mix_seed(self.seed, seed)
+        shard, (rank, world) = rank_slice(self.batch_size), process_shard()
+        chunks = self._chunks(device, run_seed, shard, rank, world)
+        return CaptionLoader(chunks, self.length, shard.stop - shard.start, self.tokenizer, device,
+                             rank_seed(run_seed, rank), self.uncond_p, self.name, clip=self.clip_cache)  # fmt: skip
+
+    def eval_inputs(self) -> HeldOut:
+        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)
+
+
+@dataclass(eq=False)
+class CaptionFolderData(CaptionedData):
     """A folder of ``name.jpg|png|webp`` + ``name.txt`` pairs (recursive) for text-to-image training.
 
     A caption file may hold several captions, one a line: each visit picks one at random. Images
@@ -257,40 +323,25 @@ class CaptionFolderData:
     held out: ``eval_set`` (centre crops in [-1, 1]), ``eval_captions`` (first lines) and, for an
     upsampler, ``eval_low_res``. ``test_run=N`` trains on only the first N remaining pairs.
     ``clip_cache``: CLIP embeddings from ``name.clip`` files beside the images (batches gain ``cond["clip"]``).
+    The other options: see ``CaptionedData``.
     """
 
-    kind = "captioned"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+    root: str
+    tokenizer: Tokenizer
 
-    def __init__(
-        self,
-        root: str,
-        tokenizer: Tokenizer,
-        image_size: int = 64,
-        low_res_size: int | None = None,
-        channels: int = 3,
-        num_classes: int = 0,
-        batch_size: int = 4,
-        num_workers: int = 0,
-        num_eval: int = 8,
-        uncond_p: float = 0.0,
-        min_crop_scale: float = 0.9,
-        crop_jitter: float = 0.1,
-        trim_threshold: int = 245,
-        test_run: int | None = None,
-        seed: int = 0,
-        clip_cache: ClipCache | None = None,
-    ):
-        check_rgb_unlabelled(channels, num_classes)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        root = self.root
         path = Path(root).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"dataloaders.root={root} is not a folder; point it to the image+caption pairs")
         pairs, self.counts = scan_caption_folder(path)
-        _check(
+        check(
             self.counts["images"] > 0,
             f"no images ({', '.join(sorted(CAPTIONED_SUFFIXES))}) under dataloaders.root={root}; "
             "put name.jpg + name.txt pairs there",
         )
-        _check(
+        check(
             bool(pairs),
             f"none of the {self.counts['images']} images under dataloaders.root={root} has a caption file; "
             "add name.txt next to each name.jpg",
@@ -301,74 +352,51 @@ class CaptionFolderData:
             log.warning("%s: %d caption files are empty (kept, trained unconditionally)", root,
                         self.counts["empty_caption"])  # fmt: skip
 
-        self.preprocess = Preprocess(image_size, low_res_size, min_crop_scale, crop_jitter, trim_threshold)
-        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_eval = min(num_eval, len(pairs) - 1)
-        self.train_pairs = [pairs[i] for i in sorted(perm[n_eval:])]
-        if test_run is not None:
-            self.train_pairs = self.train_pairs[:test_run]
-        _check(
-            len(self.train_pairs) >= batch_size,
-            f"{len(self.train_pairs)} training pairs but batch_size={batch_size}; lower batch_size (or num_eval)",
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_eval = min(self.num_eval, len(pairs) - 1)
+        self.train_pairs = [pairs[i] for i in sorted(perm[n_eval:])][: self.test_run]
+        check(
+            len(self.train_pairs) >= self.batch_size,
+            f"{len(self.train_pairs)} training pairs but batch_size={self.batch_size}; lower batch_size (or num_eval)",
         )
+        self.length = len(self.train_pairs) // self.batch_size
         self._hold_out([pairs[i] for i in sorted(perm[:n_eval])])
-        self.shape: tuple[int, ...] = (3, image_size, image_size)
-        self.num_classes = 0
-        self.tokenizer = tokenizer
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.uncond_p = uncond_p
-        self.seed = seed
-        self.root = root
-        self.clip_cache = clip_cache
-        self.clip_lookup = None if clip_cache is None else clip_cache.folder_lookup(root, pairs)
+        self.clip_lookup = None if self.clip_cache is None else self.clip_cache.folder_lookup(root, pairs)
+
+    @property
+    def name(self) -> str:
+        return f"captions {self.root}"
 
     def _hold_out(self, pairs: list[tuple[Path, str]]) -> None:
         """Centre crops and first caption lines of the held-out pairs; corrupt images are left out."""
         centred, rng = self.preprocess.centred(), random.Random(0)
-        images, lows, sizes, self.eval_captions, self.eval_paths = [], [], [], [], []
+        records, self.eval_paths = [], []
         for path, text in pairs:
             try:
                 image = load_image(path)
             except DECODE_ERRORS as e:
                 log.warning("leaving corrupt image %s out of eval_set (%s)", path, e)
                 continue
-            x, low_res, _, size_cond = centred(image, rng)
-            images.append(x)
-            sizes.append(size_cond)
-            lows.append(low_res)
-            self.eval_captions.append(pick_caption(text, None))
+            x, low_res, _, sizes = centred(image, rng)
+            records.append({"image": x, "low_res": low_res, "caption": pick_caption(text, None), "sizes": sizes})
             self.eval_paths.append(path)
-        size = self.preprocess.image_size
-        stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
-        self.eval_set = _to_model_range(stacked)  # (n_eval, 3, S, S) in [-1, 1]
-        self.eval_sizes = torch.stack(sizes) if sizes else torch.empty((0, 6))  # SDXL's size conditioning
-        self.eval_low_res = _to_model_range(torch.stack(lows)) if images and lows[0] is not None else None  # type: ignore[arg-type]
+        self._keep_held_out(records)
 
-    def eval_batch(self, device: torch.device) -> dict:
-        """The held-out pairs as one batch: ``{"x1": eval_set, "cond": {"tokens", "mask", ["low_res"], ["clip"]}}``."""
+    def _held_out_clip(self) -> list[ClipFound] | None:
         lookup, pairs = self.clip_lookup, zip(self.eval_paths, self.eval_captions, strict=True)
-        found = None if lookup is None else [lookup(path, caption) for path, caption in pairs]
-        return eval_batch(self, found, device)
+        return None if lookup is None else [lookup(path, caption) for path, caption in pairs]
 
-    def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
-        """``batch_size`` is the global batch: under torch.distributed each rank loads its slice."""
-        run_seed = mix_seed(self.seed, seed)
-        shard, (rank, _) = rank_slice(self.batch_size), process_shard()
-        length, b = len(self.train_pairs) // self.batch_size, self.batch_size
-
+    def _chunks(
+        self, device: torch.device, run_seed: int, shard: slice, rank: int, world: int
+    ) -> Callable[[int], DataLoader]:
         def chunks(epoch: int) -> DataLoader:
             epoch_seed = mix_seed(run_seed, epoch)
-            perm = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+            perm = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(epoch_seed))
             return DataLoader(
                 CaptionPairs(self.train_pairs, self.preprocess, rng_seed=epoch_seed, clip=self.clip_lookup),
-                batch_sampler=[perm[i * b : (i + 1) * b][shard] for i in range(length)],
+                batch_sampler=[idx.tolist() for idx in rank_batches(perm, self.batch_size, self.length, shard)],
                 generator=torch.Generator().manual_seed(mix_seed(epoch_seed, rank)), num_workers=self.num_workers,
                 collate_fn=collate_records, pin_memory=device.type == "cuda", persistent_workers=False,
             )  # fmt: skip
 
-        return CaptionLoader(chunks, length, shard.stop - shard.start, self.tokenizer, device,
-                             rank_seed(run_seed, rank), self.uncond_p, name=f"captions {self.root}",
-                             clip=self.clip_cache)  # fmt: skip
-
-    def eval_inputs(self) -> HeldOut:
-        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)
+        return chunks

@@ -17,16 +17,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from dataloaders.base import HeldOut, TensorLoader, rank_slice
+from dataloaders.base import HeldOut, ShuffledBatches, TensorLoader, check
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _to_model_range(x: Tensor) -> Tensor:
@@ -54,8 +49,8 @@ class DigitsData:
     ):
         from sklearn.datasets import load_digits
 
-        _check(channels == 1, f"digits are grey: dataloaders.channels must be 1, got {channels}")
-        _check(
+        check(channels == 1, f"digits are grey: dataloaders.channels must be 1, got {channels}")
+        check(
             num_classes in (0, 10),
             f"dataloaders.num_classes must be 10 (labels) or 0 (unconditional), got {num_classes}",
         )
@@ -82,7 +77,7 @@ class DigitsData:
         return HeldOut(self.eval_set, self.num_classes)
 
 
-class EpochLoader:
+class EpochLoader(ShuffledBatches):
     """A DataLoader whose shuffling order is a function of (seed, epoch), moving batches to a device.
 
     Like ``TensorLoader`` it yields dict batches and resumes exactly: epoch e always visits the
@@ -92,29 +87,16 @@ class EpochLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, num_workers: int,
                  class_conditional: bool):  # fmt: skip
+        super().__init__(len(dataset), batch_size, seed)  # type: ignore[arg-type]
         self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
         self.device = device
         self.num_workers = num_workers
         self.class_conditional = class_conditional
-        self.epoch = 0
-        self.shard = rank_slice(batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.dataset), generator=g).tolist()  # type: ignore[arg-type]
-        b = self.batch_size
-        batches = [perm[i * b : (i + 1) * b][self.shard] for i in range(len(self))]
         loader = DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7919 * self.shard.start),
+            self.dataset, batch_sampler=[idx.tolist() for idx in self.epoch_batches()], num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.epoch_seed + 7919 * self.shard.start),
             pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=_seed_worker,
         )  # fmt: skip
         for images, labels in loader:
@@ -207,7 +189,7 @@ class FolderData(_SplitData):
         num_workers: int = 4,
         data_seed: int = 0,
     ):
-        _check(channels == 3, f"folder images are loaded as RGB: dataloaders.channels must be 3, got {channels}")
+        check(channels == 3, f"folder images are loaded as RGB: dataloaders.channels must be 3, got {channels}")
         path = Path(root).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
@@ -219,20 +201,18 @@ class FolderData(_SplitData):
             full_train = datasets.ImageFolder(str(path), transform=train_tf)
             full_eval = datasets.ImageFolder(str(path), transform=eval_tf)
             found = len(full_train.classes)
-            _check(
+            check(
                 num_classes in (0, found),
                 f"{root} has {found} class folders but dataloaders.num_classes={num_classes}; set it to {found} or 0",
             )
         else:
             full_train, full_eval = FlatImageFolder(path, train_tf), FlatImageFolder(path, eval_tf)
-            _check(num_classes == 0, "unlabelled folder (class_subfolders=false) needs dataloaders.num_classes=0")
+            check(num_classes == 0, "unlabelled folder (class_subfolders=false) needs dataloaders.num_classes=0")
         self.num_classes = num_classes
         if len(full_train) == 0:  # type: ignore[arg-type]
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under dataloaders.root={root}")
         perm = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(data_seed)).tolist()  # type: ignore[arg-type]
-        _check(
-            len(perm) >= 2, f"dataloaders.root={root} holds {len(perm)} image: it takes at least 2 (one is held out)"
-        )
+        check(len(perm) >= 2, f"dataloaders.root={root} holds {len(perm)} image: it takes at least 2 (one is held out)")
         n_eval = max(1, min(num_eval, len(perm) // 10))  # at least one held-out image to score against
         self.train, self.held_out = Subset(full_train, perm[n_eval:]), Subset(full_eval, perm[:n_eval])
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -255,8 +235,8 @@ class CIFAR10Data(_SplitData):
         batch_size: int = 128,
         num_workers: int = 4,
     ):
-        _check((image_size, channels) == (32, 3), "CIFAR-10 is 32x32 RGB: dataloaders.image_size=32, channels=3")
-        _check(num_classes in (0, 10), f"dataloaders.num_classes must be 10 (labels) or 0, got {num_classes}")
+        check((image_size, channels) == (32, 3), "CIFAR-10 is 32x32 RGB: dataloaders.image_size=32, channels=3")
+        check(num_classes in (0, 10), f"dataloaders.num_classes must be 10 (labels) or 0, got {num_classes}")
         train_tf = image_transform(32, center_crop=True, hflip=hflip)
         eval_tf = image_transform(32, center_crop=True, hflip=False)
         try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adapters.vae import SDVAE, require_vae  # decodes samples for evaluation; the data set itself needs no VAE
-from dataloaders.base import HeldOut, TensorLoader
+from dataloaders.base import HeldOut, HostTensorLoader
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +83,12 @@ def load_split(path: Path, manifest: dict[str, Any], held_out: Tensor) -> tuple[
     return train, train_labels, torch.cat(eval_latents).float(), torch.cat(eval_labels)
 
 
-class LatentLoader(TensorLoader):
-    """``TensorLoader`` over host-resident latents: each batch moves to ``device``, latents as float32."""
+class LatentLoader(HostTensorLoader):
+    """``HostTensorLoader`` over host-resident latents: each batch's latents become float32 on ``device``."""
 
-    def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int, device: torch.device):
-        super().__init__(tensors, batch_size, seed)
-        self.device = device
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        for batch in super().__iter__():
-            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-            batch["x1"] = batch["x1"].float()
-            yield batch
+    def on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        batch["x1"] = batch["x1"].float()
+        return batch
 
 
 class LatentData:

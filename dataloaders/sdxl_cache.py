@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from dataloaders.base import HeldOut, TensorLoader
+from dataloaders.base import HeldOut, HostTensorLoader
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,15 @@ def read_metadata(cache: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-class SDXLCacheLoader(TensorLoader):
+class SDXLCacheLoader(HostTensorLoader):
     """Shuffled batches of cached entries: ``{"latents", "cond": {"prompt_embeds", "pooled", "sizes"}}``."""
 
     def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int, device: torch.device):
-        super().__init__({"x1": tensors["latents"], **{k: tensors[k] for k in FIELDS[1:]}}, batch_size, seed)
-        self.device = device
+        super().__init__({"x1": tensors["latents"], **{k: tensors[k] for k in FIELDS[1:]}}, batch_size, seed, device)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        for batch in super().__iter__():
-            moved = {k: v.to(self.device, non_blocking=True).float() for k, v in batch.items()}
-            yield {"latents": moved.pop("x1"), "cond": moved}
+    def on_device(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        moved = {k: v.float() for k, v in batch.items()}
+        return {"latents": moved.pop("x1"), "cond": moved}
 
 
 class SDXLCacheData:

@@ -29,8 +29,8 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import KW_ONLY, dataclass, fields, replace
 from itertools import islice
 from pathlib import Path
 
@@ -41,18 +41,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
-from dataloaders.base import HeldOut, process_shard, rank_slice
+from dataloaders.base import check
 from dataloaders.caption_preprocess import DECODE_ERRORS, Preprocess, load_image, make_chunk, mix_seed, pick_caption
-from dataloaders.captions import (
-    CaptionLoader,
-    Tokenizer,
-    _check,
-    _to_model_range,
-    check_rgb_unlabelled,
-    eval_batch,
-    rank_seed,
-)
-from dataloaders.clip_cache import ClipCache, ClipFound, ShardLookup
+from dataloaders.captions import CaptionedData, CaptionLoader, Tokenizer
+from dataloaders.clip_cache import ClipFound, ShardLookup
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +66,12 @@ def resolve_shards(urls: str) -> list[str]:
     return [u for u in expanded if u not in set(missing)]
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True)
 class LaionFilter:
     """LAION metadata thresholds; a field a sample's json lacks (or holds as null) is not checked.
 
     Sizes are the stored image's ``width``/``height`` (img2dataset), else ``original_width``/...
+    ``WebDatasetData`` takes these fields as its options (``dataloaders.min_width``, ...).
     """
 
     min_width: int = 0
@@ -87,6 +80,11 @@ class LaionFilter:
     max_pwatermark: float = 0.5
     max_punsafe: float = 0.5
     min_similarity: float = 0.28
+
+    @classmethod
+    def of(cls, options: LaionFilter) -> LaionFilter:
+        """The thresholds of ``options`` (a data set that takes them as options) alone, for the workers."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
 
     def passes(self, meta: dict) -> bool:
         width = _number(meta, "width", "original_width")
@@ -165,22 +163,20 @@ class SampleReader:
 MAX_CORRUPT_IN_A_ROW = 1000
 
 
+@dataclass(eq=False)
 class ShardStream(IterableDataset):
     """The worker side of one epoch: shards → samples → checks → shuffle buffer → records → chunks
     with counts (and, with ``clip``, each sample's cached CLIP embedding)."""
 
-    def __init__(self, shards: list[str], reader: SampleReader, batch_size: int, epoch_seed: int, resampled: bool,
-                 shuffle_buffer: int, limit: int | None, exclude: frozenset[tuple[str, str]],
-                 clip: ShardLookup | None = None):  # fmt: skip
-        self.shards = shards
-        self.reader = reader
-        self.batch_size = batch_size
-        self.epoch_seed = epoch_seed
-        self.resampled = resampled
-        self.shuffle_buffer = shuffle_buffer
-        self.limit = limit  # test_run: at most this many samples in all (one shard, so one worker reads)
-        self.exclude = exclude  # (shard, key) of the held-out samples
-        self.clip = clip
+    shards: list[str]
+    reader: SampleReader
+    batch_size: int
+    epoch_seed: int
+    resampled: bool
+    shuffle_buffer: int
+    limit: int | None  # test_run: at most this many samples in all (one shard, so one worker reads)
+    exclude: frozenset[tuple[str, str]]  # (shard, key) of the held-out samples
+    clip: ShardLookup | None = None
 
     def _urls(self, rank: int, world: int, worker: int, workers: int, passed: Counter) -> Iterator[dict]:
         if not self.resampled:
@@ -262,84 +258,59 @@ class ShardStream(IterableDataset):
         yield make_chunk(images, low_res, captions, counts, shape, sizes, found)  # the tail: counts, maybe images
 
 
-class WebDatasetData:
+@dataclass(eq=False)
+class WebDatasetData(CaptionedData, LaionFilter):
     """Captioned images in WebDataset shards, e.g. LAION via img2dataset.
 
     ``urls``: a brace pattern (``/data/laion/{00000..00099}.tar``), a glob, or a folder of .tar
-    files. LAION metadata filters apply unless ``laion_no_filter`` (they slow nothing much, but a
-    custom data set has no such metadata). ``eval_set``/``eval_captions`` (and ``eval_low_res``
-    for an upsampler) are the first ``num_eval`` usable samples of the first shard, centre-cropped;
-    they are left out of training. ``test_run=N``: train on the first N samples of the first shard.
-    ``clip_cache``: CLIP embeddings from a shard cache (batches gain ``cond["clip"]``).
+    files. LAION metadata filters (``LaionFilter``'s thresholds, options of this data set) apply unless
+    ``laion_no_filter`` (they slow nothing much, but a custom data set has no such metadata).
+    ``eval_set``/``eval_captions`` (and ``eval_low_res`` for an upsampler) are the first ``num_eval``
+    usable samples of the first shard, centre-cropped; they are left out of training. ``test_run=N``:
+    train on the first N samples of the first shard. ``clip_cache``: CLIP embeddings from a shard cache
+    (batches gain ``cond["clip"]``). ``max_corrupt``: the fraction of an epoch's samples that may be
+    corrupt or unreadable. The other options: see ``CaptionedData``.
     """
 
-    kind = "captioned"  # what it serves (training/compat.py checks models, losses and evaluators against it)
+    urls: str
+    tokenizer: Tokenizer
+    _: KW_ONLY
+    num_workers: int = 4
+    image_key: str = "jpg"
+    caption_key: str = "txt"
+    metadata_key: str = "json"
+    laion_no_filter: bool = False
+    resampled: bool = False
+    wds_tar_size: int = 10000
+    shuffle_buffer: int = 1000
+    max_corrupt: float = 0.05
 
-    def __init__(
-        self,
-        urls: str,
-        tokenizer: Tokenizer,
-        image_size: int = 64,
-        low_res_size: int | None = None,
-        channels: int = 3,
-        num_classes: int = 0,
-        batch_size: int = 4,
-        num_workers: int = 4,
-        image_key: str = "jpg",
-        caption_key: str = "txt",
-        metadata_key: str = "json",
-        laion_no_filter: bool = False,
-        min_width: int = 0,
-        min_height: int = 0,
-        max_aspect_ratio: float = 2.0,
-        max_pwatermark: float = 0.5,
-        max_punsafe: float = 0.5,
-        min_similarity: float = 0.28,
-        resampled: bool = False,
-        wds_tar_size: int = 10000,
-        shuffle_buffer: int = 1000,
-        num_eval: int = 8,
-        uncond_p: float = 0.0,
-        min_crop_scale: float = 0.9,
-        crop_jitter: float = 0.1,
-        trim_threshold: int = 245,
-        test_run: int | None = None,
-        seed: int = 0,
-        clip_cache: ClipCache | None = None,
-        max_corrupt: float = 0.05,
-    ):
-        check_rgb_unlabelled(channels, num_classes)
-        _check(0 <= max_corrupt <= 1, f"dataloaders.max_corrupt must be a fraction in [0, 1], got {max_corrupt}")
-        self.max_corrupt = max_corrupt
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        max_corrupt, urls = self.max_corrupt, self.urls
+        check(0 <= max_corrupt <= 1, f"dataloaders.max_corrupt must be a fraction in [0, 1], got {max_corrupt}")
         self.shards = resolve_shards(urls)
-        _check(
+        check(
             bool(self.shards),
             f"dataloaders.urls={urls!r} matches no .tar shard; point it to existing shards "
             "(a brace pattern like /data/laion/{00000..00099}.tar, a glob, or a folder of .tar files)",
         )
-        laion_filter = None if laion_no_filter else LaionFilter(
-            min_width, min_height, max_aspect_ratio, max_pwatermark, max_punsafe, min_similarity
-        )  # fmt: skip
-        preprocess = Preprocess(image_size, low_res_size, min_crop_scale, crop_jitter, trim_threshold)
-        self.reader = SampleReader(tuple(image_key.split(";")), caption_key, metadata_key, laion_filter, preprocess)
-        self.clip_cache = clip_cache
-        self.clip_lookup = None if clip_cache is None else clip_cache.shard_lookup(urls, self.shards)
-        self._take_eval(num_eval)
-        self.shape: tuple[int, ...] = (3, image_size, image_size)
-        self.num_classes = 0
-        self.tokenizer = tokenizer
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.resampled, self.shuffle_buffer, self.test_run = resampled, shuffle_buffer, test_run
-        self.uncond_p = uncond_p
-        self.seed = seed
-        self.urls = urls
-        samples = test_run if test_run is not None else len(self.shards) * wds_tar_size
-        self.length = samples // batch_size
-        _check(self.length > 0, f"{samples} samples make no batch of batch_size={batch_size}; lower batch_size")
+        laion_filter = None if self.laion_no_filter else LaionFilter.of(self)
+        self.reader = SampleReader(tuple(self.image_key.split(";")), self.caption_key, self.metadata_key, laion_filter,
+                                   self.preprocess)  # fmt: skip
+        self.clip_lookup = None if self.clip_cache is None else self.clip_cache.shard_lookup(urls, self.shards)
+        self._take_eval()
+        samples = self.test_run if self.test_run is not None else len(self.shards) * self.wds_tar_size
+        self.length = samples // self.batch_size
+        check(self.length > 0, f"{samples} samples make no batch of batch_size={self.batch_size}; lower batch_size")
 
-    def _take_eval(self, num_eval: int) -> None:
+    @property
+    def name(self) -> str:
+        return f"webdataset {self.urls}"
+
+    def _take_eval(self) -> None:
         """The first ``num_eval`` usable samples of the first shard, centre-cropped, in order."""
-        centred = replace(self.reader, preprocess=self.reader.preprocess.centred())
+        centred, num_eval = replace(self.reader, preprocess=self.preprocess.centred()), self.num_eval
         records, keys = [], []
         if num_eval > 0:
             for sample in wds.tarfile_samples([{"url": self.shards[0]}], handler=wds.warn_and_continue):
@@ -352,38 +323,30 @@ class WebDatasetData:
         if len(records) < num_eval:
             log.warning("%s holds only %d usable samples for eval_set (num_eval=%d)", self.shards[0], len(records),
                         num_eval)  # fmt: skip
-        size = self.reader.preprocess.image_size
-        images = torch.stack([r["image"] for r in records]) if records else torch.empty((0, 3, size, size))
-        self.eval_set = _to_model_range(images)  # (n, 3, S, S) in [-1, 1]
-        self.eval_captions: list[str] = [r["caption"] for r in records]
-        self.eval_sizes = torch.stack([r["sizes"] for r in records]) if records else torch.empty((0, 6))
-        self.eval_low_res = (
-            _to_model_range(torch.stack([r["low_res"] for r in records]))
-            if records and records[0]["low_res"] is not None
-            else None
-        )
+        self._keep_held_out(records)
         self.eval_keys = frozenset(keys)
         self.eval_order = keys  # (shard, key) of eval_set's rows
 
-    def eval_batch(self, device: torch.device) -> dict:
-        """The held-out samples as one batch: ``{"x1": eval_set, "cond": {"tokens", "mask", ["low_res"],
-        ["clip"]}}`` (eval_captions are first lines, what a CLIP cache holds)."""
+    def _held_out_clip(self) -> list[ClipFound] | None:
         lookup, pairs = self.clip_lookup, zip(self.eval_order, self.eval_captions, strict=True)
-        found = None if lookup is None else [lookup(url, key, caption) for (url, key), caption in pairs]
-        return eval_batch(self, found, device)
+        return None if lookup is None else [lookup(url, key, caption) for (url, key), caption in pairs]
 
     def train_loader(self, device: torch.device, seed: int) -> CaptionLoader:
         """``batch_size`` is the global batch: each of N ranks reads its own shards (dealt by
         ``pytorch_worker_info``) in batches of ``batch_size / N``. Ranks must make the same number of
         batches, which only resampled streams (cut at ``len``) guarantee."""
-        run_seed = mix_seed(self.seed, seed)
-        shards = self.shards[:1] if self.test_run is not None else self.shards
-        shard, (rank, world) = rank_slice(self.batch_size), process_shard()
-        _check(
+        loader = super().train_loader(device, seed)
+        return replace(loader, stop_at_length=self.resampled, max_corrupt=self.max_corrupt)
+
+    def _chunks(
+        self, device: torch.device, run_seed: int, shard: slice, rank: int, world: int
+    ) -> Callable[[int], DataLoader]:
+        check(
             world == 1 or self.resampled,
             f"webdataset in {world} processes needs dataloaders.resampled=true: shards dealt to ranks end at "
             "different times, and a rank that runs out would hang the others",
         )
+        shards = self.shards[:1] if self.test_run is not None else self.shards
         per_rank = shard.stop - shard.start
 
         def chunks(epoch: int) -> DataLoader:
@@ -392,9 +355,4 @@ class WebDatasetData:
             return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                               pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
 
-        return CaptionLoader(chunks, self.length, per_rank, self.tokenizer, device, rank_seed(run_seed, rank),
-                             self.uncond_p, name=f"webdataset {self.urls}", stop_at_length=self.resampled,
-                             clip=self.clip_cache, max_corrupt=self.max_corrupt)  # fmt: skip
-
-    def eval_inputs(self) -> HeldOut:
-        return HeldOut(self.eval_set, self.num_classes, captions=self.eval_captions)
+        return chunks

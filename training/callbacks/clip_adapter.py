@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from adapters.glide_clip import GlideClipUNet
+from evaluation.contract import eval_mode
 from losses.clip_adapter_kl import without_clip
 from losses.diffusion import DiffusionLoss
 from training.callbacks.base import Callback
@@ -229,15 +230,11 @@ class ClipAdapterTraining(Callback):
         assert self.val is not None
         _, x_t, t, _, _ = self.val
         model: GlideClipUNet = trainer.model
-        was_training = model.training
-        model.eval()  # no dropout: the checks compare numbers
-        with torch.no_grad(), trainer.precision.autocast_context(trainer.device):
+        # eval mode: no dropout, the checks compare numbers
+        with eval_mode(model), torch.no_grad(), trainer.precision.autocast_context(trainer.device):
             if gate_scale is None:
-                out = model(x_t, t.float(), None, cond).float()
-            else:
-                out = model.denoise(x_t, t.float(), cond, gate_scale=gate_scale).float()
-        model.train(was_training)
-        return out
+                return model(x_t, t.float(), None, cond).float()
+            return model.denoise(x_t, t.float(), cond, gate_scale=gate_scale).float()
 
     def _val_losses(self, trainer: Any) -> tuple[float, float]:
         """(baseline loss without CLIP, loss with CLIP) on the validation batch."""
