@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -63,8 +63,8 @@ class Run:
     writer: CheckpointWriter
     control: RunControl
     resolved: dict[str, Any]
-    started: datetime = field(default_factory=datetime.now)
-    t0: float = field(default_factory=time.perf_counter)
+    started: datetime  # for the experiment log: when the run began, and its duration
+    t0: float
 
     @property
     def last_path(self) -> Path:
@@ -72,6 +72,9 @@ class Run:
 
 
 def build_run(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> Run:
+    """Check the composition, build every object (a resumed run loads its state into them) and the hook
+    list: the adapter's recipe first (its state's place in checkpoints), then evaluation, checkpoints,
+    stop signals. An overwritten run is deleted only once data, model, loss and optimizer were built."""
     started, t0 = datetime.now(), time.perf_counter()
     device = ctx.device
     precision: Precision = build(cfg, "precision")
