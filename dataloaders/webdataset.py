@@ -66,7 +66,7 @@ def resolve_shards(urls: str) -> list[str]:
     return [u for u in expanded if u not in set(missing)]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class LaionFilter:
     """LAION metadata thresholds; a field a sample's json lacks (or holds as null) is not checked.
 

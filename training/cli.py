@@ -23,5 +23,5 @@ def exit_code(run: Callable[[], int], kinds: tuple[type[BaseException], ...] = (
     try:
         return run()
     except kinds as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2

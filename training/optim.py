@@ -65,7 +65,7 @@ def optimizer_groups(model: nn.Module, rules: list[dict[str, Any]], callbacks: l
     if rules or len(provided) > 1:
         raise ValueError(
             "the adapter's training phase defines the optimizer groups; drop the param_groups rules "
-            "(set the adapter's learning rates and clipping in adapter.*)"
+            "(set the adapter's learning rates and clipping in adapter_training.*)"
         )
     return provided[0]
 

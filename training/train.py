@@ -72,7 +72,9 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
             )
         metrics = final_metrics(run)
     except BaseException as e:
-        raise failed(run, e) from None
+        if (error := failed(run, e)) is e:
+            raise
+        raise error from None
     run.tracker.finish()
     if ctx.is_main:
         write_json(Path(cfg.paths.run_dir) / "metrics.json", {**metrics, **run.scoring.settings()})

@@ -300,9 +300,13 @@ class Trainer:
         pending.clear()
         return values, means
 
-    def _log(self, norms: dict[str, Tensor], hook_metrics: dict[str, float], steps_per_sec: float) -> dict[str, float]:
-        """A log point: read the window's losses back, add the callbacks' metrics, send them to the tracker."""
+    def _log(
+        self, norms: dict[str, Tensor], hook_metrics: dict[str, float], window: tuple[float, int]
+    ) -> dict[str, float]:
+        """A log point: read the window's losses back (the device catches up first, so the rate of the
+        window ``(start time, steps)`` counts its work), add the callbacks' metrics, send them to the tracker."""
         values, loss_metrics = self._flush(self._unread)
+        steps_per_sec = window[1] / (time.perf_counter() - window[0])
         metrics = {
             "train/loss": sum(values) / len(values),
             "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -366,16 +370,19 @@ class Trainer:
                 group = []
                 hook_metrics = {k: v for cb in self.callbacks for k, v in cb.on_step_end(self).items()}
                 if log_now:
-                    logged = self._log(norms, hook_metrics, window_steps / (time.perf_counter() - window_start))
+                    logged = self._log(norms, hook_metrics, (window_start, window_steps))
                     bar.update(self.step - bar.n)
                     bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
                 elif hook_metrics:
                     self.tracker.log(hook_metrics, step=self.step)
-                hooks_start = time.perf_counter()
+                hooks_start, checked = time.perf_counter(), self.checked_step
                 for cb in self.callbacks:
                     cb.after_step(self)
-                window_start += time.perf_counter() - hooks_start  # evaluation time is not training time
+                if self.checked_step != checked:  # a callback evaluated or saved: its time is not training time
+                    window_start, window_steps = time.perf_counter(), 0
+                else:
+                    window_start += time.perf_counter() - hooks_start
                 if self.step >= total or self.stop_reason is not None:
                     stopped = True
                     break

@@ -29,6 +29,8 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     config = rename_targets(config)
     if "adapter" in config:  # the group's name before adapter_training
         config["adapter_training"] = config.pop("adapter")
+        if isinstance(config.get("choices"), dict) and "adapter" in config["choices"]:
+            config["choices"]["adapter_training"] = config["choices"].pop("adapter")
     if isinstance(config.get("loss"), dict):
         config["loss"] = upgrade_loss_config(config["loss"])
     return config

@@ -2,7 +2,7 @@
 evaluation, stop signals, an adapter's phases and files) hooks into the generic loop here instead
 of adding branches or closures to it.
 
-The trainer calls, in order: ``param_groups`` once before the optimizer is built (train.py),
+The trainer calls, in order: ``param_groups`` once before the optimizer is built (training/run.py),
 ``on_train_start`` before the first step, then after every optimizer step ``on_step_end`` (after the
 EMA update; cheap per-step machinery), ``on_log`` at log points with the step losses just read back,
 and ``after_step`` (after the log point: the place for work that reads or saves the weights, which

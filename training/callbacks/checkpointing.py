@@ -56,6 +56,9 @@ class CheckpointWriter(Callback):
         self.pending: dict[Path, tuple[Path, int]] = {}  # pending file -> (its final path, its step)
         self.last_write = time.monotonic()  # for checkpoint.every_minutes (RunControl)
 
+    def on_train_start(self, trainer: Any, data: Any) -> None:
+        self.last_write = time.monotonic()  # checkpoint.every_minutes counts from the first step
+
     def after_step(self, trainer: Any) -> None:
         if self.every_steps and trainer.step % self.every_steps == 0:
             trainer.check_losses()
