@@ -10,6 +10,7 @@ import torch
 from hydra.utils import get_object
 
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.errors import UserError
 from training.train import train
 from training.trusted import allowed_targets
 from training.upgrade import RENAMED_TARGETS
@@ -55,3 +56,12 @@ def test_an_old_checkpoint_rescores_and_resumes(old_checkpoint, make_cfg, tmp_pa
     resumed.trackio.enabled = False
     metrics, _ = train(resumed)
     assert metrics["train/steps"] > before
+
+
+def test_an_old_loss_with_a_crafted_mu_is_one_line(old_checkpoint):
+    state = torch.load(old_checkpoint, weights_only=True)
+    loss = {k: v for k, v in state["config"]["loss"].items() if k not in ("path", "time_sampler")}
+    state["config"]["loss"] = {**loss, "_target_": "losses.meanflow.MeanFlowLoss", "mu": "not a number"}
+    save_checkpoint(state, old_checkpoint)
+    with pytest.raises(UserError, match=r"has a malformed config \(its loss.mu is 'not a number', not a number\)"):
+        load_checkpoint(old_checkpoint)

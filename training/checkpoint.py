@@ -176,7 +176,10 @@ def check_state(
     malformed = [name for name, node in nodes.items() if not isinstance(node, dict)]
     if malformed:
         raise UserError(f"{what} {path} has a malformed {malformed[0]}; it is damaged: use another checkpoint")
-    state["config"] = config = upgrade_config(config)
+    try:
+        state["config"] = config = upgrade_config(config)
+    except ValueError as e:
+        raise UserError(f"{what} {path} has a malformed config ({e}); it is damaged: use another checkpoint") from None
     if isinstance(state.get("sampling", {}).get("solver"), dict):
         state["sampling"]["solver"] = rename_targets(state["sampling"]["solver"])
     if builds:

@@ -77,10 +77,13 @@ def _with_path(loss: dict[str, Any]) -> dict[str, Any]:
         rest = {k: v for k, v in loss.items() if k != "sigma"}
         path = {"_target_": "paths.affine.LinearPath", "sigma": loss.get("sigma", 0.0)}
         return {**rest, "path": path, "time_sampler": {"_target_": "paths.time.UniformTimeSampler"}}
+    mu = loss.get("mu", -0.4)
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)):
+        raise ValueError(f"its loss.mu is {mu!r}, not a number")
     rest = {k: v for k, v in loss.items() if k not in ("mu", "sigma")}
     times = {
         "_target_": "paths.time.LogitNormalTimeSampler",
-        "mean": 0.0 - loss.get("mu", -0.4),
+        "mean": 0.0 - mu,
         "std": loss.get("sigma", 1.0),
     }
     return {**rest, "path": {"_target_": "paths.affine.LinearPath", "sigma": 0.0}, "time_sampler": times}
