@@ -150,7 +150,7 @@ class SDXLLoRA(Model):
         unet_dtype: str = "bfloat16",
         text_encoder_dtype: str = "bfloat16",
         vae_dtype: str = "float32",
-        gradient_checkpointing: bool = True,
+        activation_checkpointing: bool = True,
     ):
         super().__init__()
         parts = pretrained if isinstance(pretrained, SDXLComponents) else load_components(pretrained, config, variant)
@@ -170,7 +170,7 @@ class SDXLLoRA(Model):
             module.requires_grad_(False).to(dtype_of(name))
         self.vae.eval()
         self.unet.set_attn_processor(AttnProcessor2_0())
-        if gradient_checkpointing:
+        if activation_checkpointing:
             self.unet.enable_gradient_checkpointing()
         n = add_lora(self.unet, lora_config(lora_rank, lora_alpha, lora_dropout, unet_targets(lora_target)))
         if text_encoder_lora:

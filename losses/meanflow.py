@@ -30,6 +30,7 @@ from torch.func import jvp
 
 from losses.base import Loss, LossOutput
 from models.conditioning import Cond, check_dropout, drop_condition
+from models.layers import jvp_safe_kernels
 from paths.affine import LinearPath, ProbabilityPath, expand_like
 from paths.time import LogitNormalTimeSampler, TimeSampler
 
@@ -161,7 +162,8 @@ class MeanFlowLoss(Loss):
         def u(x_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
             return model(x_, t_, r_, cond)
 
-        out, tangent = jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))  # type: ignore[misc]
+        with jvp_safe_kernels():  # the fused attention kernels have no forward-mode rule
+            out, tangent = jvp(u, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))  # type: ignore[misc]
         return out, tangent
 
     def _selective_tangent(

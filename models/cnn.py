@@ -1,7 +1,7 @@
 """Small time-conditioned conv net for small images (MNIST-size, CIFAR-size): a cheap baseline to the UNet.
 
 Full resolution throughout, no attention: a stack of residual conv blocks, each told (t, r, cond)
-through one added per-channel bias. jvp-safe like the UNet (group norm from ``models.layers``).
+through one added per-channel bias.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.contract import Model
-from models.layers import GroupNorm, zero_
+from models.layers import GroupNorm, channels_last, zero_
 from models.unet import Conditioning
 
 
@@ -57,7 +57,7 @@ class SmallCNN(Model):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor, cond: Tensor | None = None) -> Tensor:
         emb = self.cond(t, r, cond)  # (B, 2C)
-        h = self.conv_in(x)  # (B, C, H, W)
+        h = channels_last(self.conv_in(x))  # (B, C, H, W)
         for block in self.blocks:
             h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_in, H, W)
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # (B, C_in, H, W), x's layout

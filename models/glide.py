@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from models.contract import Model
-from models.layers import timestep_embedding, zero_
+from models.layers import GroupNorm, maybe_checkpoint, timestep_embedding, zero_
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base.pt"
 UPSAMPLE_URL = "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample.pt"
@@ -57,14 +56,6 @@ DEFAULT_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2
 
 
 # --------------------------------------------------------------------------- norms
-
-
-class GroupNorm32(nn.GroupNorm):
-    """Group norm in float32 whatever the activation dtype (GLIDE's GroupNorm32): fp16/bf16
-    statistics over 32 groups of large maps lose too much precision."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -160,14 +151,14 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.resample = resample or nn.Identity()
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_channels),
+            GroupNorm(32, out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -202,7 +193,7 @@ class AttentionBlock(nn.Module):
         if channels % num_heads:
             raise ValueError(f"attention width {channels} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = GroupNorm32(32, channels)
+        self.norm = GroupNorm(32, channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
@@ -327,7 +318,7 @@ class GlideUNet(Model):
         resblock_updown: bool = True,
         super_res: bool = False,
         in_channels: int = 3,
-        use_checkpoint: bool = False,
+        activation_checkpointing: bool = False,
         checkpoint: str | None = None,
         from_scratch: bool = False,
         # GLIDE's diffusion and runtime options: no effect on the network
@@ -359,7 +350,7 @@ class GlideUNet(Model):
 
         self.super_res = super_res
         self.image_size = image_size
-        self.use_checkpoint = use_checkpoint
+        self.activation_checkpointing = activation_checkpointing
         self.num_channels = num_channels
         self.text_ctx = text_ctx
         self.end_token = n_vocab - 1  # GPT-2's <|endoftext|>, GLIDE's padding token
@@ -408,7 +399,7 @@ class GlideUNet(Model):
                     layers.append(res(ch, ch, Resample(up=True)) if resblock_updown else Upsample(ch))
                 self.output_blocks.append(Stage(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
         # text encoder
         self.transformer = TextTransformer(xf_width, xf_layers, xf_heads)
@@ -495,10 +486,8 @@ class GlideUNet(Model):
         return self.transformer_proj(h[:, -1]), h.transpose(1, 2)  # (B, 4C), (B, W, L)
 
     def run(self, block: nn.Module, *args: Tensor) -> Tensor:
-        """Call a block, through non-reentrant activation checkpointing when ``use_checkpoint`` is set."""
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return activation_checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        """Call a block, through activation checkpointing when ``activation_checkpointing`` is set."""
+        return maybe_checkpoint(self.activation_checkpointing, block, *args)
 
     def unconditional(self, batch: int, device: torch.device) -> dict[str, Tensor]:
         """The empty caption: all padding, mask all False (GLIDE's unconditional input)."""

@@ -1,16 +1,45 @@
-"""Building blocks shared by the image models, all safe under forward-mode AD (``torch.func.jvp``).
+"""Building blocks shared by the image models.
 
-MeanFlow differentiates the model along (x, t, r) with one jvp, so every op here must have a
-forward-mode rule on CPU and CUDA: attention is written out (the fused SDPA kernels have none)
-and group norm is composed from plain reductions.
+Every block calls PyTorch's fused kernels (``F.group_norm``, ``F.scaled_dot_product_attention``).
+MeanFlow differentiates the model along (x, t, r) with one ``torch.func.jvp``; group norm and layer
+norm have forward-mode rules, the fused attention kernels (flash, memory-efficient, the CPU flash
+kernel) have none. ``jvp_safe_kernels`` selects SDPA's math backend, which is composed of ops that
+do: a forward-mode AD through any model runs inside it (losses/meanflow.py, tests/test_jvp_models.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def jvp_safe_kernels() -> Iterator[None]:
+    """Attention through SDPA's math backend, the one with a forward-mode rule; wrap every jvp in it."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def channels_last(h: Tensor) -> Tensor:
+    """Activations in NHWC on CPU and CUDA, where the conv kernels (oneDNN, cuDNN) run fastest in it and
+    group norm and SDPA keep it; ``(B, C, H, W) -> (B, HW, C)`` token views are then free. Parameters
+    keep their layout, so checkpoints and exports do not change."""
+    return h.contiguous(memory_format=torch.channels_last) if h.device.type in ("cpu", "cuda") else h
+
+
+def maybe_checkpoint(enabled: bool, block: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``block(*args)``, through non-reentrant activation checkpointing when ``enabled`` and gradients are
+    being recorded: its activations are recomputed in the backward instead of kept. Without gradients
+    (sampling, MeanFlow's no-grad jvp) there is nothing to save, and the block runs as is."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def zero_(module: nn.Module) -> None:
@@ -19,29 +48,12 @@ def zero_(module: nn.Module) -> None:
         nn.init.zeros_(p)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √d) v over the last two dims; (B, heads, N, d) -> (B, heads, N, d)."""
-    scale = q.shape[-1] ** -0.5
-    weights = (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)  # (B, h, N, N)
-    return weights @ v
-
-
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` computed from mean/var reductions, so jvp works on every backend.
-
-    Statistics are taken in fp32 under autocast, as the fused kernel does.
-    """
+    """``nn.GroupNorm`` with its statistics in fp32 whatever the activation dtype, returned in that
+    dtype (GLIDE's GroupNorm32): bf16/fp16 statistics lose too much under autocast."""
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        h = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(shape[0], self.num_groups, -1)
-        mean = h.mean(dim=-1, keepdim=True)
-        var = h.var(dim=-1, unbiased=False, keepdim=True)
-        h = ((h - mean) * torch.rsqrt(var + self.eps)).reshape(shape).to(x.dtype)
-        if self.affine:
-            view = (1, -1) + (1,) * (len(shape) - 2)
-            h = h * self.weight.view(view) + self.bias.view(view)
-        return h
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:

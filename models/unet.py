@@ -3,8 +3,8 @@
 The layout of Ho et al. (DDPM) as refined by Dhariwal & Nichol (ADM, "improved diffusion"):
 residual blocks conditioned on one embedding vector through scale-shift group norm, self-attention
 at chosen resolutions, strided-conv downsampling, nearest + conv upsampling and a skip from every
-encoder stage to the decoder. Every op comes from ``models.layers`` or has a forward-mode rule, so
-MeanFlow can take ``torch.func.jvp`` through the whole network.
+encoder stage to the decoder. Norms and attention are PyTorch's fused kernels; MeanFlow's
+``torch.func.jvp`` through the network runs inside ``models.layers.jvp_safe_kernels``.
 
 At the CIFAR-10 setting of the DenoisingZoo notes (128 channels, mult 1-2-2-2, 3 residual blocks
 a level, attention at 16x16) it has 51,157,507 parameters.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.contract import Model
-from models.layers import GroupNorm, LabelEmbedder, TimestepEmbedder, attention, zero_
+from models.layers import GroupNorm, LabelEmbedder, TimestepEmbedder, channels_last, maybe_checkpoint, zero_
 
 
 class Conditioning(nn.Module):
@@ -68,7 +68,12 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual; ``emb`` is accepted and unused."""
+    """Multi-head self-attention over the H*W positions, residual; ``emb`` is accepted and unused.
+
+    ``qkv`` and ``proj`` are 1x1 convs in the state dict (ADM's layout) applied as linear maps of
+    (B, HW, C) tokens: q, k and v come out with the head dim contiguous, which SDPA's fused CPU and
+    CUDA kernels need (a strided layout falls back to its math path).
+    """
 
     def __init__(self, channels: int, num_heads: int, norm_groups: int):
         super().__init__()
@@ -81,10 +86,12 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-2, -1).unbind(dim=1)  # (B, heads, HW, d) each
-        h = attention(q, k, v).transpose(-2, -1).reshape(B, C, H, W)
-        return x + self.proj(h)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
+        h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -105,10 +112,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
-def run_stage(stage: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
-    for block in stage:
-        h = block(h, emb)
-    return h
+class Stage(nn.ModuleList):
+    """Blocks run in order on (h, emb): the unit of activation checkpointing."""
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        for block in self:
+            h = block(h, emb)
+        return h
 
 
 class UNet(Model):
@@ -117,6 +127,8 @@ class UNet(Model):
     ``attention_resolutions`` are feature-map sizes (``image_size`` halved once per level). The
     encoder yields one skip per stage (input conv, each residual block, each downsample); the
     decoder has ``num_res_blocks + 1`` blocks per level, each consuming one skip.
+    ``activation_checkpointing`` recomputes each stage's activations in the backward pass (less memory,
+    one more forward of the network per training step).
     """
 
     data_kinds = ("image", "latent")
@@ -134,8 +146,10 @@ class UNet(Model):
         num_heads: int = 4,
         norm_groups: int = 32,
         num_classes: int = 0,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         emb_dim = 4 * channels
         self.cond = Conditioning(emb_dim, num_classes)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
@@ -160,14 +174,14 @@ class UNet(Model):
             for _ in range(num_res_blocks):
                 blocks: list[nn.Module] = [res(ch, width)]
                 blocks += [attn(width)] if size in attention_resolutions else []
-                self.down.append(nn.ModuleList(blocks))
+                self.down.append(Stage(blocks))
                 ch = width
                 skips.append(ch)
             if level != last:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(Stage([Downsample(ch)]))
                 skips.append(ch)
 
-        self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+        self.mid = Stage([res(ch, ch), attn(ch), res(ch, ch)])
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
@@ -178,7 +192,7 @@ class UNet(Model):
                 ch = width
                 if level != 0 and i == num_res_blocks:
                     stage.append(Upsample(ch))
-                self.up.append(nn.ModuleList(stage))
+                self.up.append(Stage(stage))
 
         self.norm_out = GroupNorm(norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
@@ -196,12 +210,12 @@ class UNet(Model):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor, cond: Tensor | None = None) -> Tensor:
         emb = self.cond(t, r, cond)  # (B, 4C)
-        h = self.conv_in(x)  # (B, C, H, W)
+        h = channels_last(self.conv_in(x))  # (B, C, H, W)
         skips = [h]
         for stage in self.down:
-            h = run_stage(stage, h, emb)  # type: ignore[arg-type]
+            h = maybe_checkpoint(self.activation_checkpointing, stage, h, emb)
             skips.append(h)
-        h = run_stage(self.mid, h, emb)  # (B, C_last, H / 2^(L-1), W / 2^(L-1))
+        h = maybe_checkpoint(self.activation_checkpointing, self.mid, h, emb)  # (B, C_last, H/2^(L-1), W/2^(L-1))
         for stage in self.up:
-            h = run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)  # type: ignore[arg-type]
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_in, H, W)
+            h = maybe_checkpoint(self.activation_checkpointing, stage, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # (B, C_in, H, W), x's layout

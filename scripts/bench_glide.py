@@ -31,7 +31,7 @@ from training.optim import adamw8bit
 
 def build(model: str, checkpoint: str | None, use_checkpoint: bool, device: torch.device) -> GlideUNet:
     weights = [f"model.checkpoint={checkpoint}"] if checkpoint else ["model.from_scratch=true"]
-    cfg = compose_config([f"model=glide_{model}", f"model.use_checkpoint={use_checkpoint}", *weights])
+    cfg = compose_config([f"model=glide_{model}", f"model.activation_checkpointing={use_checkpoint}", *weights])
     glide: GlideUNet = instantiate(cfg.model)
     return glide.to(device).train()
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adapters.glide_clip import GlideClipUNet, glide_clip_base, is_adapter_key
 from adapters.open_clip_loader import ClipModelError, architecture_dim
-from models import glide
+from models import layers
 from models.glide import GlideUNet
 from tests.clip_helpers import register_tiny_clip
 from tests.test_glide_model import TINY, TINY_UPSAMPLE, inputs, manifest, one_line_error, perturb_, tiny, tiny_upsample
@@ -335,9 +335,9 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(clip_name
         calls.append(1)
         return checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(glide, "activation_checkpoint", counted)
+    monkeypatch.setattr(layers, "checkpoint", counted)
     plain = perturbed(make(clip_name, dropout=0.1)).train()
-    checkpointed = make(clip_name, dropout=0.1, use_checkpoint=True).train()
+    checkpointed = make(clip_name, dropout=0.1, activation_checkpointing=True).train()
     checkpointed.load_state_dict(plain.state_dict())
     for model in (plain, checkpointed):
         model.clip_adapter.step.fill_(WARMUP // 4)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models import glide
+from models import layers
 from models.glide import (
     AttentionBlock,
     GlideUNet,
@@ -184,9 +184,9 @@ def test_timestep_matters():
 @pytest.mark.parametrize("make", MAKERS)
 def test_activation_checkpointing_gives_the_same_outputs_and_gradients(make, monkeypatch):
     calls = []
-    monkeypatch.setattr(glide, "activation_checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    monkeypatch.setattr(layers, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
     plain = perturb_(make(dropout=0.1)).train()
-    checkpointed = make(dropout=0.1, use_checkpoint=True).train()
+    checkpointed = make(dropout=0.1, activation_checkpointing=True).train()
     checkpointed.load_state_dict(plain.state_dict())
     x, t, cond = inputs(plain)
     results = []

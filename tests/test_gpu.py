@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.layers import jvp_safe_kernels
 from training.checkpoint import load_checkpoint
 from training.train import train
 
@@ -89,13 +90,15 @@ def test_jvp_through_every_image_model_on_cuda_in_fp32_and_bf16(name):
     t, r = torch.rand(4, dtype=torch.float64) * 0.5, torch.rand(4, dtype=torch.float64) * 0.5 + 0.5
     cond = torch.tensor([0, 3, 5, 9])
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
-    _, reference = torch.func.jvp(lambda *a: model(*a, cond), (x, t, r), tangents)
+    with jvp_safe_kernels():
+        _, reference = torch.func.jvp(lambda *a: model(*a, cond), (x, t, r), tangents)
     cuda = model.float().cuda()
     args = [a.float().cuda() for a in (x, t, r)]
     tan = [a.float().cuda() for a in tangents]
-    _, fp32 = torch.func.jvp(lambda *a: cuda(*a, cond.cuda()), tuple(args), tuple(tan))
+    with jvp_safe_kernels():
+        _, fp32 = torch.func.jvp(lambda *a: cuda(*a, cond.cuda()), tuple(args), tuple(tan))
     assert (fp32.double().cpu() - reference).norm() < 1e-4 * reference.norm()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16), jvp_safe_kernels():
         _, bf16 = torch.func.jvp(lambda *a: cuda(*a, cond.cuda()), tuple(args), tuple(tan))
     assert torch.isfinite(bf16).all()
     assert (bf16.double().cpu() - reference).norm() < 0.1 * reference.norm()

@@ -3,28 +3,35 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
-from models.layers import GroupNorm, LabelEmbedder, TimestepEmbedder, attention, timestep_embedding
+from models.layers import GroupNorm, LabelEmbedder, TimestepEmbedder, jvp_safe_kernels, timestep_embedding
 
 
-def test_group_norm_matches_torch_and_has_a_forward_derivative():
+def test_group_norm_is_torchs_with_fp32_statistics_and_a_forward_derivative():
     norm = GroupNorm(4, 8).double()
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 8, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
     v = torch.randn_like(x)
-    _, tangent = jvp(norm, (x,), (v,))
+    _, tangent = jvp(norm, (x,), (v,))  # the fused kernel's own forward-mode rule
     eps = 1e-6
     torch.testing.assert_close(tangent, (norm(x + eps * v) - norm(x - eps * v)) / (2 * eps), rtol=1e-5, atol=1e-6)
+    half = norm.float()(x.float().bfloat16())
+    assert half.dtype == torch.bfloat16  # statistics in fp32, the result back in the input's dtype
+    torch.testing.assert_close(half.float(), norm.float()(x.float().bfloat16().float()), rtol=0.02, atol=0.02)
 
 
-def test_attention_matches_sdpa_and_has_a_forward_derivative():
+def test_sdpa_has_a_forward_derivative_inside_jvp_safe_kernels():
     q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64) for _ in range(3))
-    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     dq = torch.randn_like(q)
-    _, tangent = jvp(lambda q: attention(q, k, v), (q,), (dq,))
+
+    def attend(q):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    with jvp_safe_kernels():
+        out, tangent = jvp(attend, (q,), (dq,))
+    torch.testing.assert_close(out, attend(q))  # the math backend computes what the fused kernel does
     eps = 1e-6
-    fd = (attention(q + eps * dq, k, v) - attention(q - eps * dq, k, v)) / (2 * eps)
-    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tangent, (attend(q + eps * dq) - attend(q - eps * dq)) / (2 * eps), rtol=1e-5, atol=1e-7)
 
 
 def test_timestep_embedding_shapes_and_odd_dims():

@@ -272,7 +272,7 @@ def overrides_for(names: dict[str, str], data: compat_matrix.DataVariant, assets
         out += [f"model.clip_model_name={assets.clip[0]}"]
     if names["model"] == "sdxl_lora":
         out += [f"model.pretrained={assets.sdxl}", "model.unet_dtype=float32", "model.text_encoder_dtype=float32",
-                "model.gradient_checkpointing=false", "dataloaders.image_size=64"]  # fmt: skip
+                "model.activation_checkpointing=false", "dataloaders.image_size=64"]  # fmt: skip
     return out
 
 

@@ -53,7 +53,7 @@ def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sdxl_cfg(make_cfg, sdxl: Path, data: list[str], *overrides: str):
     return make_cfg(
-        "experiment=sdxl_lora", f"model.pretrained={sdxl}", *FP32, "model.gradient_checkpointing=false",
+        "experiment=sdxl_lora", f"model.pretrained={sdxl}", *FP32, "model.activation_checkpointing=false",
         "precision=fp32", *data, f"dataloaders.image_size={SIZE}", "dataloaders.batch_size=2",
         "eval.num_inference_steps=2", "eval.samples_per_prompt=1", "eval.every_epochs=0", "trainer.grad_accum=1",
         "trainer.log_every=5", "checkpoint.every_steps=0", "checkpoint.archive_every_epochs=0", *overrides,
@@ -70,7 +70,7 @@ def trained(sdxl: Path, captioned: Path, tmp_path_factory: pytest.TempPathFactor
 
     tmp = tmp_path_factory.mktemp("run")
     cfg = tiny_config(tmp, ["experiment=sdxl_lora", f"model.pretrained={sdxl}", *FP32,
-                            "model.gradient_checkpointing=false", "precision=fp32", *folder_data(captioned),
+                            "model.activation_checkpointing=false", "precision=fp32", *folder_data(captioned),
                             f"dataloaders.image_size={SIZE}", "dataloaders.batch_size=2",
                             "eval.num_inference_steps=2", "eval.samples_per_prompt=1", "eval.every_epochs=0",
                             "trainer.grad_accum=1", "trainer.log_every=5", "checkpoint.archive_every_epochs=0",

@@ -5,7 +5,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
-from torch.func import jvp
 
 from models.cnn import SmallCNN
 from models.unet import UNet
@@ -74,36 +73,6 @@ def test_output_shape_with_and_without_labels_and_null_label_is_none(make):
     assert labeled.shape == unlabeled.shape == x.shape
     assert not torch.allclose(labeled, unlabeled)
     torch.testing.assert_close(null, unlabeled)
-
-
-@pytest.mark.parametrize("make", [tiny_unet, tiny_cnn], ids=["unet", "cnn"])
-def test_jvp_along_x_and_r_matches_central_differences_in_float64(make):
-    model = perturb_(make()).double()
-    x, t, r = inputs(torch.float64)
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    cond = torch.tensor([3, 7])
-
-    def u(x_, t_, r_):
-        return model(x_, t_, r_, cond)
-
-    out, tangent = jvp(u, (x, t, r), (v, torch.zeros_like(t), torch.ones_like(r)))
-    eps = 1e-7
-    fd = (u(x + eps * v, t, r + eps) - u(x - eps * v, t, r - eps)) / (2 * eps)
-    torch.testing.assert_close(out, u(x, t, r))
-    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-7 * fd.abs().max().item())
-    assert tangent.abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("make", [tiny_unet, tiny_cnn], ids=["unet", "cnn"])
-def test_jvp_runs_under_bf16_autocast(make):
-    model = perturb_(make())
-    x, t, r = inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, tangent = jvp(
-            lambda x_, t_, r_: model(x_, t_, r_, None), (x, t, r), (torch.randn_like(x), torch.ones_like(t), 0 * r)
-        )
-    assert out.shape == tangent.shape == x.shape
-    assert torch.isfinite(out).all() and torch.isfinite(tangent).all()
 
 
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cnn], ids=["unet", "cnn"])

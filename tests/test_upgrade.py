@@ -13,7 +13,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.errors import UserError
 from training.train import train
 from training.trusted import allowed_targets
-from training.upgrade import RENAMED_TARGETS
+from training.upgrade import RENAMED_TARGETS, upgrade_config
 
 OLD_ENERGY = "evaluation.sample_eval.EnergyDistanceEval"
 OLD_ADAPTER = {"_target_": "adapters.clip_training.ClipAdapterTraining", "phase": "adapter_only"}
@@ -65,3 +65,12 @@ def test_an_old_loss_with_a_crafted_mu_is_one_line(old_checkpoint):
     save_checkpoint(state, old_checkpoint)
     with pytest.raises(UserError, match=r"has a malformed config \(its loss.mu is 'not a number', not a number\)"):
         load_checkpoint(old_checkpoint)
+
+
+@pytest.mark.parametrize("old", ["use_checkpoint", "gradient_checkpointing"])
+def test_the_old_names_of_activation_checkpointing_become_todays(old):
+    """GLIDE's and SDXL's names for the switch, as their checkpoints stored them."""
+    model = {"_target_": "models.glide.GlideUNet", old: True, "num_channels": 192}
+    upgraded = upgrade_config({"model": model})["model"]
+    assert upgraded == {"_target_": "models.glide.GlideUNet", "activation_checkpointing": True, "num_channels": 192}
+    assert upgrade_config({"model": {"activation_checkpointing": False}})["model"] == {"activation_checkpointing": False}

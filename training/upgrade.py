@@ -22,6 +22,7 @@ RENAMED_TARGETS: dict[str, str] = {
 }
 
 LEGACY_DROPOUT = ("uncond_p", "class_dropout", "caption_dropout")  # each loss's name before cond_dropout
+LEGACY_CHECKPOINTING = ("use_checkpoint", "gradient_checkpointing")  # GLIDE's and SDXL's name of the switch
 
 
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +34,17 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
             config["choices"]["adapter_training"] = config["choices"].pop("adapter")
     if isinstance(config.get("loss"), dict):
         config["loss"] = upgrade_loss_config(config["loss"])
+    if isinstance(config.get("model"), dict):
+        config["model"] = upgrade_model_config(config["model"])
     return config
+
+
+def upgrade_model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """GLIDE's ``use_checkpoint`` and SDXL's ``gradient_checkpointing`` are ``activation_checkpointing`` now."""
+    old = [k for k in LEGACY_CHECKPOINTING if k in model]
+    if not old or "activation_checkpointing" in model:
+        return model
+    return {**{k: v for k, v in model.items() if k not in old}, "activation_checkpointing": model[old[0]]}
 
 
 def rename_targets(node: Any) -> Any:
