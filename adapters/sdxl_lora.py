@@ -7,6 +7,10 @@ leave in two formats:
   ``StableDiffusionXLPipeline.save_lora_weights`` itself, with peft's LoRA config (rank, alpha) in
   the file's metadata, so ``load_lora_weights`` rebuilds the same scale; we add one metadata key,
   ``denoising_zoo``, naming the base the LoRA was trained on (source and weight fingerprint).
+  Every key keeps peft's naming (``unet.<module>.lora_A.weight``), as diffusers' newer training
+  scripts save it: ``convert_state_dict_to_diffusers`` renames only attention layers
+  (``to_q.lora.down``), and a file that mixes both namings loses half its LoRA in diffusers' loader,
+  which picks one conversion from the first key (``mixed_naming``).
 - kohya's (``lora_unet_*.lora_down/lora_up/alpha``), what AUTOMATIC1111, ComfyUI and kohya's
   scripts read: diffusers' ``convert_state_dict_to_kohya``, with ``alpha`` set to the trained
   alpha (the converter writes alpha = rank, which would change the scale unless alpha == rank).
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 from diffusers import ModelMixin, StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
@@ -96,7 +100,7 @@ def save_diffusers(path: Path, parts: dict[str, Any], base: dict[str, Any]) -> N
     Written to a temp file and renamed, so a crash never leaves half a file."""
     kwargs: dict[str, Any] = {}
     for name, module in parts.items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(peft_state(module))
+        kwargs[f"{name}_lora_layers"] = peft_state(module)
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -120,6 +124,26 @@ def save_kohya(path: Path, parts: dict[str, nn.Module], alpha: float) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, tmp, metadata=with_digest(state, {"format": "pt"}))
     os.replace(tmp, path)
+
+
+def mixed_naming(tensors: dict[str, Tensor]) -> bool:
+    """A diffusers-format file whose UNet keys mix ``lora.down/up`` names with peft's ``lora_A/B``: what
+    this project wrote for ``lora_target=all`` before (and ``convert_state_dict_to_diffusers`` makes of
+    any LoRA beyond attention). diffusers' loader converts by the first key and drops the other half."""
+    unet = [k for k in tensors if k.startswith("unet.")]
+    return any(".lora.down." in k for k in unet) and any(".lora_A." in k for k in unet)
+
+
+def peft_naming(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The same LoRA with every UNet key in peft's naming (diffusers' own renaming), which loads whole."""
+    unet = convert_unet_state_dict_to_peft({k: v for k, v in tensors.items() if k.startswith("unet.")})
+    return {**{k: v for k, v in tensors.items() if not k.startswith("unet.")}, **unet}
+
+
+def save_peft_naming(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """A copy of a mixed-naming file (``mixed_naming``) that loads whole: keys renamed, metadata kept."""
+    renamed = {k: v.contiguous() for k, v in peft_naming(tensors).items()}
+    save_file(renamed, path, metadata=with_digest(renamed, metadata))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -35,7 +35,15 @@ from torchvision.utils import save_image
 
 from adapters.sdxl import sample
 from adapters.sdxl_components import SDXLWeightsError, dtype_of, load_components
-from adapters.sdxl_lora import LORA_FILE, LoraFileError, check_fits, lora_base, read_safetensors
+from adapters.sdxl_lora import (
+    LORA_FILE,
+    LoraFileError,
+    check_fits,
+    lora_base,
+    mixed_naming,
+    read_safetensors,
+    save_peft_naming,
+)
 from models.fingerprint import weights_fingerprint
 from training.cli import exit_code, positive_int
 from training.errors import UserError
@@ -97,6 +105,29 @@ def lora_weights_file(source: Path, scratch: Path) -> Path:
     return source
 
 
+def checked_lora(
+    path: Path, pipe: StableDiffusionXLPipeline, pretrained: str, fingerprint: str | None, scratch: Path
+) -> Path:
+    """The file to hand to ``load_lora_weights``: ``path``, checked to fit this SDXL, or for a file that
+    mixes two key namings (``mixed_naming``: diffusers would drop half of it) a renamed copy in ``scratch``."""
+    tensors, metadata = read_safetensors(path)
+    if any(k.startswith(("unet.", "text_encoder")) for k in tensors):  # diffusers' format: check shapes
+        check_fits(path, tensors, {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
+                                   "text_encoder_2": pipe.text_encoder_2})  # fmt: skip
+    base = lora_base(metadata)
+    if base is not None and base["unet_fingerprint"] != fingerprint:
+        log.warning(
+            "%s was trained on %s, whose UNet weights differ from %s's: applying it anyway "
+            "(LoRAs often transfer to fine-tuned SDXL bases)", path, base["pretrained"], pretrained,
+        )  # fmt: skip
+    if not mixed_naming(tensors):
+        return path
+    log.info("%s mixes two LoRA key namings (an older export): loading a copy with them unified", path)
+    renamed = scratch / f"unified_{path.name}"
+    save_peft_naming(tensors, metadata, renamed)
+    return renamed
+
+
 def load_pipeline(args: argparse.Namespace, scratch: Path) -> StableDiffusionXLPipeline:
     parts = load_components(args.pretrained, args.config)
     # what our LoRA files record: the fp32 weights' fingerprint, so it is taken before the cast
@@ -107,18 +138,9 @@ def load_pipeline(args: argparse.Namespace, scratch: Path) -> StableDiffusionXLP
         module.to(dtype)
     if args.lora is not None:
         path = lora_weights_file(Path(args.lora), scratch)
-        tensors, metadata = read_safetensors(path)
-        if any(k.startswith(("unet.", "text_encoder")) for k in tensors):  # diffusers' format: check shapes
-            check_fits(path, tensors, {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
-                                       "text_encoder_2": pipe.text_encoder_2})  # fmt: skip
-        base = lora_base(metadata)
-        if base is not None and base["unet_fingerprint"] != fingerprint:
-            log.warning(
-                "%s was trained on %s, whose UNet weights differ from %s's: applying it anyway "
-                "(LoRAs often transfer to fine-tuned SDXL bases)", path, base["pretrained"], args.pretrained,
-            )  # fmt: skip
+        loaded = checked_lora(path, pipe, args.pretrained, fingerprint, scratch)
         try:
-            pipe.load_lora_weights(str(path), adapter_name="lora")
+            pipe.load_lora_weights(str(loaded), adapter_name="lora")
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--lora {path} does not load onto this SDXL ({str(e).splitlines()[0]}); "
                             "was it trained on another base model?") from e  # fmt: skip
