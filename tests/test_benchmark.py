@@ -120,3 +120,16 @@ def test_run_config_keeps_the_run_to_itself_in_the_toy_setup(tmp_path) -> None:
     assert not cfg.trackio.enabled and cfg.checkpoint.archive_every_epochs == 0
     assert cfg.dataloaders.num_train == 7 * bench.TOY_BATCH and cfg.max_steps == 7 and cfg.seed == 3
     assert list(cfg.eval.nfe) == [1, 10] and cfg.trainer.grad_clip is None
+
+
+@pytest.mark.skipif(not bench.CLEAR_REFS.exists(), reason="the RSS high-water mark can be reset on Linux only")
+def test_the_cpu_peak_restarts_at_reset_and_sees_a_transient_allocation() -> None:
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del big
+    bench.reset_peak_memory(cpu)
+    start = bench.current_memory_mb(cpu)
+    assert bench.peak_memory_mb(cpu) - start < 32  # the earlier 64 MiB no longer counts
+    transient = torch.ones(128 * 2**20 // 4)
+    del transient
+    assert bench.peak_memory_mb(cpu) - start > 100  # a freed allocation between reset and read counts

@@ -49,3 +49,17 @@ def test_label_embedder_null_class_for_missing_cond():
     torch.testing.assert_close(emb(labels, 2, torch.device("cpu")), emb.table.weight[labels])
     with pytest.raises(IndexError):
         emb(torch.tensor([11]), 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_inside_jvp_safe_kernels_is_the_fused_one_written_out(layout):
+    norm = GroupNorm(4, 8).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64).contiguous(memory_format=layout)
+    v = torch.randn_like(x)
+    fused_out, fused_tangent = jvp(norm, (x,), (v,))
+    with jvp_safe_kernels():
+        out, tangent = jvp(norm, (x,), (v,))
+    torch.testing.assert_close(out, fused_out)
+    torch.testing.assert_close(tangent, fused_tangent)

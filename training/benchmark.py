@@ -88,18 +88,39 @@ def side_by_side(
 
 
 # --- memory ----------------------------------------------------------------------------------------
+PROC_STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmHWM``/``VmRSS`` line of /proc/self/status (Linux), in KiB."""
+    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
 def reset_peak_memory(device: torch.device) -> None:
-    """Start the CUDA peak from here (the CPU's peak RSS cannot be reset: it is the process's)."""
+    """Start the peak from here: CUDA's allocator statistics; on Linux the process's RSS high-water mark
+    (writing 5 to /proc/self/clear_refs). Elsewhere the CPU peak is the whole process's."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif CLEAR_REFS.exists():
+        CLEAR_REFS.write_text("5")
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process's peak RSS (Linux reports
-    it in KiB), a running maximum over the whole process."""
+    """``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak RSS since ``reset_peak_memory``
+    (Linux), or the process's peak RSS (``ru_maxrss``, KiB on Linux) where it cannot be reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if PROC_STATUS.exists():
+        return _status_kib("VmHWM") / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """What is held now: CUDA's allocated bytes, or the process's RSS (Linux; 0 where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _status_kib("VmRSS") / 1024 if PROC_STATUS.exists() else 0.0
 
 
 # --- runs of train(cfg) ----------------------------------------------------------------------------
