@@ -66,7 +66,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, T, D/heads)
+        q, k, v = qkv.unbind(0)  # (B, heads, T, D/heads) each; unbind's backward is one stack, not 3 zero-filled copies
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D/heads)
         return self.proj(h.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 

@@ -133,3 +133,17 @@ def test_the_cpu_peak_restarts_at_reset_and_sees_a_transient_allocation() -> Non
     transient = torch.ones(128 * 2**20 // 4)
     del transient
     assert bench.peak_memory_mb(cpu) - start > 100  # a freed allocation between reset and read counts
+
+
+@pytest.mark.skipif(not bench.CLEAR_REFS.exists(), reason="the RSS high-water mark can be reset on Linux only")
+def test_a_step_that_reuses_freed_memory_still_shows_its_peak() -> None:
+    """glibc keeps freed heap memory resident; without malloc_trim the second allocation would not raise RSS."""
+    cpu = torch.device("cpu")
+    for _ in range(2):
+        chunks = [torch.ones(2**20 // 4) for _ in range(96)]  # 96 x 1 MiB from the heap, not one mmap
+        del chunks
+        bench.reset_peak_memory(cpu)
+        start = bench.current_memory_mb(cpu)
+        chunks = [torch.ones(2**20 // 4) for _ in range(96)]
+        del chunks
+        assert bench.peak_memory_mb(cpu) - start > 64

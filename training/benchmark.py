@@ -4,6 +4,8 @@ that every table measures and reports the same thing."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import platform
 import resource
@@ -99,10 +101,13 @@ def _status_kib(field: str) -> int:
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start the peak from here: CUDA's allocator statistics; on Linux the process's RSS high-water mark
-    (writing 5 to /proc/self/clear_refs). Elsewhere the CPU peak is the whole process's."""
+    (writing 5 to /proc/self/clear_refs), after glibc hands the memory it holds free back to the system
+    (``malloc_trim``): otherwise a step reuses what an earlier one freed and its RSS never rises.
+    Elsewhere the CPU peak is the whole process's."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif CLEAR_REFS.exists():
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
         CLEAR_REFS.write_text("5")
 
 
