@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-
 _FORWARD_AD = contextvars.ContextVar("forward_ad", default=False)
 
 
