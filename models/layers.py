@@ -69,8 +69,7 @@ class GroupNorm(nn.GroupNorm):
 
     def _from_reductions(self, x: Tensor) -> Tensor:
         groups = x.reshape(x.shape[0], self.num_groups, -1)
-        mean = groups.mean(dim=-1, keepdim=True)
-        var = groups.var(dim=-1, unbiased=False, keepdim=True)
+        var, mean = torch.var_mean(groups, dim=-1, unbiased=False, keepdim=True)
         h = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         if not self.affine:
             return h
