@@ -73,4 +73,5 @@ def test_the_old_names_of_activation_checkpointing_become_todays(old):
     model = {"_target_": "models.glide.GlideUNet", old: True, "num_channels": 192}
     upgraded = upgrade_config({"model": model})["model"]
     assert upgraded == {"_target_": "models.glide.GlideUNet", "activation_checkpointing": True, "num_channels": 192}
-    assert upgrade_config({"model": {"activation_checkpointing": False}})["model"] == {"activation_checkpointing": False}
+    today = {"activation_checkpointing": False}
+    assert upgrade_config({"model": today})["model"] == today

@@ -76,12 +76,12 @@ def alternating(items: Sequence[T], repeats: int) -> Iterator[tuple[T, int]]:
 
 
 def side_by_side(
-    fns: Mapping[str, Callable[[], R]], repeats: int, device: torch.device | None = None
-) -> tuple[dict[str, list[float]], dict[str, list[R]]]:
+    fns: Mapping[K, Callable[[], R]], repeats: int, device: torch.device | None = None
+) -> tuple[dict[K, list[float]], dict[K, list[R]]]:
     """Each function's seconds and results, one per repeat, measured in alternating order: a ratio of
     the two taken within a repeat compares runs under the same load."""
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
-    results: dict[str, list[R]] = {name: [] for name in fns}
+    seconds: dict[K, list[float]] = {name: [] for name in fns}
+    results: dict[K, list[R]] = {name: [] for name in fns}
     for name, _ in alternating(list(fns), repeats):
         s, result = timed(fns[name], device)
         seconds[name].append(s)
