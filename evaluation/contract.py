@@ -30,13 +30,15 @@ SamplerT = TypeVar("SamplerT", bound="Sampler | None")  # None: the model sample
 @dataclass(frozen=True)
 class EvalContext:
     """Where and how one evaluation runs. ``out_dir`` is given at the final evaluation: samples and
-    pictures are written there. ``source`` names the weights (checkpoint and step) for sample folders."""
+    pictures are written there. ``source`` names the weights (checkpoint and step) for sample folders;
+    ``label`` names the run and its model in the pictures' titles (``digits_mf (unet, meanflow)``)."""
 
     device: torch.device
     autocast: Autocast = contextlib.nullcontext
     out_dir: Path | None = None
     step: int | None = None
     source: str = ""
+    label: str = ""
 
 
 @contextlib.contextmanager

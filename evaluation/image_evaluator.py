@@ -11,6 +11,7 @@ from torch import nn
 from dataloaders.base import HeldOut
 from evaluation.contract import EvalContext, eval_mode
 from evaluation.energy_evaluator import EnergyDistanceEval, budget_nfe
+from evaluation.fid_evaluator import FIDEval
 from evaluation.sample_generation import ImageSampler
 from solvers.base import Sampler
 
@@ -20,16 +21,26 @@ class ImageEval(EnergyDistanceEval):
     at the final evaluation FID/KID when ``fid`` is enabled (``eval.fid.num_samples > 0``).
 
     Writes ``samples_{key}.npy`` as (N, C, H, W) floats in [0, 1] (raw latents for latent data)
-    and ``grid_{key}.png`` per budget, plus ``grid_data.png`` of held-out images; latent samples
-    are decoded to pixels for the grids and FID, and scored in latent space by energy distance.
+    and ``grid_{key}.png`` per budget (one row per class, titled with the sampler, NFE, guidance,
+    energy distance and FID), plus ``grid_data.png`` of held-out images; latent samples are decoded
+    to pixels for the grids and FID, and scored in latent space by energy distance.
     """
 
     data_kinds = ("image", "latent")
 
     def __call__(self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext) -> dict[str, float]:
-        metrics = super().__call__(model, solver, data, ctx)
-        if ctx.out_dir is None or self.fid is None or not self.fid.enabled:
-            return metrics
+        sampled = self.sample_and_score(model, solver, data, ctx)
+        if ctx.out_dir is None:
+            return sampled.metrics
+        if self.fid is not None and self.fid.enabled:  # before the grids, whose titles carry the FID
+            sampled.metrics.update(self._fid(model, solver, data, ctx, self.fid))
+        self.write_artifacts(sampled, data, solver, ctx)
+        return sampled.metrics
+
+    def _fid(
+        self, model: nn.Module, solver: Sampler, data: HeldOut, ctx: EvalContext, fid: FIDEval
+    ) -> dict[str, float]:
+        """FID/KID per budget of ``fid.nfe``, on samples streamed to a folder of PNGs."""
         decode = data.decode
         generators = {
             key: ImageSampler(
@@ -39,12 +50,12 @@ class ImageEval(EnergyDistanceEval):
                 tuple(data.reference.shape[1:]),
                 ctx.device,
                 ctx.autocast,
-                self.fid.seed,
+                fid.seed,
                 data.num_classes,
                 self.guidance_scale,
                 None if decode is None else (lambda z: decode(z.to(ctx.device))),
             )
-            for key in self.budgets(solver, self.fid.nfe)
+            for key in self.budgets(solver, fid.nfe)
         }
         settings = self.settings(solver)
         folder_settings = {
@@ -53,8 +64,7 @@ class ImageEval(EnergyDistanceEval):
             "guidance_scale": self.guidance_scale,
         }
         with eval_mode(model):
-            metrics.update(self.fid(generators, folder_settings, ctx.device))
-        return metrics
+            return fid(generators, folder_settings, ctx.device)
 
     def prepare(self, device: torch.device) -> None:
         if self.fid is not None and self.fid.enabled:

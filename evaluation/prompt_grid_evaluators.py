@@ -22,12 +22,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.utils import save_image
 
 from dataloaders.base import HeldOut
 from evaluation.clip_score import CLIPScore, read_prompts
 from evaluation.contract import EvalContext, Evaluator, SamplerT, eval_mode
 from evaluation.errors import EvaluationError
+from evaluation.pictures import Row, Titles, figure_pixels, grid_figure, save_png
 from evaluation.sample_generation import sample, sampler_settings
 from solvers.base import Sampler
 
@@ -52,9 +52,10 @@ def fixed_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[s
 @dataclass(kw_only=True, eq=False)
 class PromptGrid(Evaluator[SamplerT]):
     """What both prompt-grid evaluators share: ``prompts`` (a list) or ``prompts_file`` (one per line)
-    name what to draw, ``samples_per_prompt`` images of ``image_size`` each, written as one grid
+    name what to draw, ``samples_per_prompt`` images of ``image_size`` each, written as one grid with
+    a row per prompt, captioned with it, under a title naming the run, sampler, steps and guidance
     (``grid_dir``/grid_step*.png during training, grid_final.png there and in the run directory at
-    the end); with ``clip`` set, their CLIP score against the prompts is logged."""
+    the end); with ``clip`` set, their CLIP score against the prompts is logged and in the title."""
 
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
@@ -73,24 +74,37 @@ class PromptGrid(Evaluator[SamplerT]):
         """Each prompt ``samples_per_prompt`` times in a row: one grid row per prompt."""
         return [p for p in self.prompts for _ in range(self.samples_per_prompt)]
 
-    def finish(self, images: Tensor, prompts: list[str], ctx: EvalContext) -> dict[str, float]:
-        """Write the grid of ``images`` (N, 3, H, W) in [0, 1]; their ``eval/clip_score`` against
-        ``prompts``, when a CLIP scorer is set."""
-        self.save_grid(images, ctx)
-        if self.clip is None:
-            return {}
-        return {"eval/clip_score": float(self.clip.score_images(images, prompts).mean())}
+    def finish(
+        self, images: Tensor, prompts: list[str], ctx: EvalContext, titles: Titles, steps: str
+    ) -> dict[str, float]:
+        """Write the grid of ``images`` (N, 3, H, W) in [0, 1], titled with the run, sampler, ``steps``,
+        guidance and, when a CLIP scorer is set, their CLIP score against ``prompts`` (``eval/clip_score``)."""
+        scores = {} if self.clip is None else {"clip_score": float(self.clip.score_images(images, prompts).mean())}
+        self.save_grid(prompt_rows(images, prompts), titles.title(steps, scores), ctx)
+        return {f"eval/{k}": v for k, v in scores.items()}
 
-    def save_grid(self, images: Tensor, ctx: EvalContext) -> None:
+    def save_grid(self, rows: list[Row], title: str, ctx: EvalContext) -> None:
         """``grid_step*.png`` in ``grid_dir`` during training; ``grid_final.png`` in both folders at
-        the end (``ctx.out_dir`` given). One row per prompt when it has several samples."""
+        the end (``ctx.out_dir`` given). One row per prompt, captioned with it."""
         grid_dir = Path(self.grid_dir) if self.grid_dir else None
         folders = [d for d in (grid_dir, ctx.out_dir) if d is not None]
+        folders = folders if ctx.out_dir is not None else folders[:1]
         name = "grid_final.png" if ctx.out_dir is not None else f"grid_step{ctx.step or 0:07d}.png"
-        per_prompt = self.samples_per_prompt
-        for folder in folders if ctx.out_dir is not None else folders[:1]:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_image(images, folder / name, nrow=per_prompt if per_prompt > 1 else 8)
+        if folders:
+            pixels = figure_pixels(grid_figure(rows, title))
+            for folder in folders:
+                save_png(pixels, folder / name)
+
+
+def prompt_rows(images: Tensor, prompts: list[str]) -> list[Row]:
+    """One grid row per run of equal consecutive prompts (a prompt's samples), labelled with the prompt."""
+    rows: list[Row] = []
+    start = 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            rows.append(Row(images[start:i], prompts[start]))
+            start = i
+    return rows
 
 
 @dataclass(kw_only=True, eq=False)
@@ -129,7 +143,8 @@ class PromptGridEval(PromptGrid[Sampler]):
                 torch.Generator(device).manual_seed(self.seed),
             )  # fmt: skip
         images = ((solution.x.float() + 1) / 2).clamp(0, 1).cpu()
-        return self.finish(images, prompts, ctx)
+        titles = Titles(ctx.label, solver.label(), self.guidance_scale, ctx.step)
+        return self.finish(images, prompts, ctx, titles, f"{solution.nfe} steps")
 
     def _conditioning(
         self, reference: Tensor, captions: list[str] | None, device: torch.device
@@ -183,4 +198,5 @@ class PipelinePromptEval(PromptGrid[None]):
                 prompt=prompts, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                 height=self.image_size, width=self.image_size, generator=generators,
             ).cpu()  # fmt: skip
-        return self.finish(images, prompts, ctx)
+        titles = Titles(ctx.label, "pipeline", self.guidance_scale, ctx.step)
+        return self.finish(images, prompts, ctx, titles, f"{self.num_inference_steps} steps")

@@ -3,6 +3,7 @@
     python scripts/compare_runs.py outputs/multirun/2026-11-25_10-00-00 --sort eval/fid@nfe10
     python scripts/compare_runs.py 'outputs/runs/*' --metrics 'energy_distance' --plot cmp.png
     python scripts/compare_runs.py --trackio-project denoising-zoo --runs 'sweep_.*' --format csv
+    python scripts/compare_runs.py --curves train/loss eval/energy_distance@nfe10 --runs 'lr_.*' --out curves.png
 
 A PATH is a metrics.json file, a folder searched recursively for metrics.json files (a sweep
 folder holds one per job), or a glob pattern (quote it; '**' spans folders). A run is named by the
@@ -13,12 +14,17 @@ start time) added. With --trackio-project each run shows the last logged value o
 Numeric metrics are the columns; string entries (checkpoint, solver) appear only when --metrics
 names them exactly (re.fullmatch). In the chart, metrics named <name>@nfe<N> are drawn as a line
 per run against NFE (log x); any other family (<name>@<key>, or a plain name) as grouped bars.
+
+--curves draws each named metric against the training step, one panel per metric and one line per
+run, from the per-step logs in trackio's SQLite store (TRACKIO_DIR; --trackio-project, default
+denoising-zoo); the table then shows those metrics' last values.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import glob
 import io
 import json
@@ -26,7 +32,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
     from trackio.sqlite_storage import SQLiteStorage
 
 Value = float | str
+Series = list[tuple[int, float]]  # (step, value), by step
+DEFAULT_PROJECT = "denoising-zoo"  # configs/train.yaml trackio.project
 NFE = re.compile(r"@nfe(\d+)$")
 GLOB_CHARS = frozenset("*?[")
 
@@ -49,6 +57,7 @@ class Run:
     label: str  # the run's name; unique_labels makes it unique
     origin: tuple[str, ...]  # where the run came from; its tail tells runs of the same name apart
     values: dict[str, Value]
+    series: dict[str, Series] = field(default_factory=dict)  # per-step values (trackio runs only)
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,21 @@ def last_values(logs: Iterable[dict[str, Any]]) -> dict[str, Value]:
     return last
 
 
+def step_series(logs: Iterable[dict[str, Any]]) -> dict[str, Series]:
+    """Each numeric metric's (step, value) points, in step order; a step logged twice (a resumed run
+    replays the steps after its last checkpoint) keeps the value logged last; rows without a whole step
+    are skipped. trackio returns logs oldest first."""
+    by_step: dict[str, dict[int, float]] = {}
+    for row in logs:
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        for k, v in row.items():
+            if k not in ("step", "timestamp") and is_number(v):
+                by_step.setdefault(k, {})[step] = float(v)
+    return {k: sorted(points.items()) for k, points in by_step.items()}
+
+
 def trackio_runs(project: str) -> list[Run]:
     """Every run of a local trackio project, oldest first."""
     store = storage()
@@ -188,14 +212,12 @@ def trackio_runs(project: str) -> list[Run]:
     records = store.get_run_records(project)
     if not records:
         raise UserError(f"trackio project '{project}' has no runs; log a run first or pick another project")
-    return [
-        Run(
-            str(r["name"]),
-            (str(r.get("created_at") or r.get("id"))[:19],),
-            last_values(store.get_logs(project, run=r["name"], run_id=r.get("id"), scalar_only=True)),
-        )
-        for r in records
-    ]
+    runs = []
+    for r in records:
+        logs = store.get_logs(project, run=r["name"], run_id=r.get("id"), scalar_only=True)
+        runs.append(Run(str(r["name"]), (str(r.get("created_at") or r.get("id"))[:19],), last_values(logs),
+                        step_series(logs)))  # fmt: skip
+    return runs
 
 
 # --- choosing runs, columns and order ----------------------------------------------------------
@@ -320,13 +342,13 @@ def families(columns: Iterable[str]) -> list[Family]:
     return out
 
 
-def plot_format(out: Path) -> str:
+def plot_format(out: Path, option: str = "--plot") -> str:
     """The image format the file name asks for, checked before any work is done."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     fmt = out.suffix.lstrip(".").lower()
     if fmt not in FigureCanvasBase.get_supported_filetypes():
-        raise UserError(f"cannot write a chart as {out.name!r}; end --plot with .png (or .pdf, .svg)")
+        raise UserError(f"cannot write a chart as {out.name!r}; end {option} with .png (or .pdf, .svg)")
     return fmt
 
 
@@ -391,6 +413,66 @@ def bar_panel(ax: Any, fam: Family, runs: Sequence[Run], colors: Sequence[Any]) 
     ax.grid(axis="y", alpha=0.3)
 
 
+# --- curves ------------------------------------------------------------------------------------
+
+
+def check_curves(runs: Sequence[Run], metrics: Sequence[str]) -> None:
+    """Every --curves metric was logged by at least one of the runs; else one line naming the ones there are."""
+    logged = sorted({k for r in runs for k in r.series}, key=natural_key)
+    for metric in metrics:
+        if metric not in logged:
+            close = difflib.get_close_matches(metric, logged, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"no run logged --curves metric {metric!r}; {hint}logged metrics: {few(logged, 12)}")
+
+
+def plot_curves(runs: Sequence[Run], metrics: Sequence[str], out: Path, title: str) -> None:
+    """One panel per metric against the step, one line (one colour, the same in every panel) per run;
+    written atomically (tmp file, then rename)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # renders through Agg: no GUI backend, no pyplot state
+    from matplotlib.lines import Line2D
+
+    fmt = plot_format(out, "--out")
+    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    colors = [cmap(i % cmap.N) for i in range(len(runs))]
+    ncols = min(2, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = Figure(figsize=(5.5 * ncols + 2.5, 3.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics, strict=False):
+        curve_panel(ax, metric, runs, colors)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=c, label=r.label) for r, c in zip(runs, colors, strict=True)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="run")
+    fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format=fmt, dpi=120)
+    tmp.replace(out)
+
+
+def curve_panel(ax: Any, metric: str, runs: Sequence[Run], colors: Sequence[Any]) -> None:
+    """``metric`` against the step for each run that logged it; points marked when they are few (an
+    evaluation every epoch); log y when the values span two decades."""
+    from matplotlib.ticker import MaxNLocator
+
+    values: list[float] = []
+    for run, color in zip(runs, colors, strict=True):
+        points = run.series.get(metric, [])
+        if not points:
+            continue
+        steps, ys = [s for s, _ in points], [v for _, v in points]
+        ax.plot(steps, ys, color=color, marker="o" if len(points) <= 30 else None, markersize=3, linewidth=1.2)
+        values += [v for v in ys if math.isfinite(v)]
+    if values and min(values) > 0 and max(values) >= 100 * min(values):
+        ax.set_yscale("log")
+    ax.set(title=metric, xlabel="step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -414,7 +496,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="markdown (4 significant digits, '-' if missing; the default) or csv (exact, empty if missing)",
     )
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw the metrics to this image")
+    p.add_argument(
+        "--curves",
+        nargs="+",
+        metavar="METRIC",
+        help=f"draw these metrics against the step from trackio (--trackio-project, default {DEFAULT_PROJECT})",
+    )
+    p.add_argument("--out", type=Path, metavar="CURVES.png", help="with --curves: the image to write")
     args = p.parse_args(argv)
+    if args.curves:
+        if args.paths:
+            p.error("--curves reads trackio's per-step logs; metrics.json PATHs hold final values only: drop them")
+        if args.out is None:
+            p.error("--curves needs --out CURVES.png")
+        args.trackio_project = args.trackio_project or DEFAULT_PROJECT
+    elif args.out is not None:
+        p.error("--out is the image of --curves; for the table's chart use --plot")
     if not args.paths and not args.trackio_project:
         p.error("give PATHs of metrics.json files or run folders, or --trackio-project")
     if args.desc and not args.sort:
@@ -425,19 +522,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_format(args.plot)
+    if args.curves:
+        plot_format(args.out, "--out")
     runs = collect_runs(args.paths)
     if args.trackio_project:
         runs += trackio_runs(args.trackio_project)
     if args.runs is not None:
         runs = matching_runs(args.runs, runs)
     runs = unique_labels(runs)
-    columns = select_columns(runs, args.metrics)
+    if args.curves:
+        check_curves(runs, args.curves)
+    columns = select_columns(runs, args.metrics) if args.metrics or not args.curves else list(args.curves)
     if args.sort:
         runs = sort_runs(runs, args.sort, args.desc)
     print(table(runs, columns, args.format))
     if args.plot is not None:
         plot(runs, columns, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    if args.curves:
+        drawn = [r for r in runs if any(m in r.series for m in args.curves)]
+        plot_curves(drawn, args.curves, args.out, f"trackio project {args.trackio_project}: {len(drawn)} runs")
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

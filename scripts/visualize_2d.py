@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from evaluation.plots_2d import animate_flow, plot_trajectories, scatter_samples
+from evaluation.energy_distance import energy_distance
+from evaluation.pictures import Titles
+from evaluation.plots_2d import write_2d_pictures
 from evaluation.sample_generation import sample
 from solvers.adaptive import Dopri5
 from solvers.base import Sampler
@@ -33,7 +35,8 @@ SOLVERS: dict[str, type[Sampler]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Sample a trained 2D model; write samples.png, trajectories.png, flow.gif.",
+        description="Sample a trained 2D model; write samples.png (titled with its energy distance to the "
+        "held-out data), trajectories.png, flow.gif.",
         epilog="Exit status: 0 on success, 2 on bad input (missing or damaged checkpoint, bad option).",
     )
     p.add_argument("checkpoint", type=Path, help="a last.pt or archived epoch_XXXX.pt written by launcher.py")
@@ -97,17 +100,23 @@ def visualize(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--solver {name} samples {'|'.join(solver.samples)} models; this one predicts {trains}: "
                         f"use --solver {fits}")  # fmt: skip
     args.solver = name
-    solution, trajectory = sample(model, solver, noise, args.nfe, trajectory_points=min(args.points, args.num_samples))
+    points = min(args.points, args.num_samples)
+    solution, trajectory = sample(model, solver, noise, args.nfe, trajectory_points=points)
     assert trajectory is not None  # trajectory_points >= 1
 
     out = args.out or args.checkpoint.parent / "viz"
     out.mkdir(parents=True, exist_ok=True)
     weights = "raw" if args.raw else "EMA"
-    paths = [out / "samples.png", out / "trajectories.png", out / "flow.gif"]
-    title = f"{args.solver}, NFE {solution.nfe} ({weights})"
-    scatter_samples(data.numpy(), {title: solution.x.numpy()}, paths[0])
-    plot_trajectories(trajectory.numpy(), paths[1])
-    animate_flow(trajectory.numpy(), paths[2], fps=args.fps)
+    key = "adaptive" if solver.adaptive else f"nfe{args.nfe}"
+    x = solution.x.float()
+    metrics = {
+        f"eval/energy_distance@{key}": energy_distance(x, data.float()),
+        f"eval/nfe_used@{key}": float(solution.nfe),
+    }
+    titles = Titles(f"{args.checkpoint.parent.name} ({weights} weights)", solver.label(), step=state["step"])
+    paths = write_2d_pictures(
+        data.numpy(), {key: x.numpy()}, metrics, trajectory.numpy(), titles, out, gif="flow.gif", fps=args.fps
+    )
     print(f"step {state['step']}, {weights} weights, {args.solver} with {solution.nfe} NFE")
     return paths
 

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts.compare_runs import collect_runs, families, main, select_columns, sort_runs, table, unique_labels
+from scripts.compare_runs import (
+    Run,
+    check_curves,
+    collect_runs,
+    families,
+    main,
+    select_columns,
+    sort_runs,
+    step_series,
+    table,
+    unique_labels,
+)
 from training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +254,94 @@ for name, values in [("a", [3.0, 2.0]), ("b", [5.0]), ("other", [1.0])]:
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: no trackio project 'absent'") and "projects there: p" in missing.stderr
     assert missing.stderr.count("\n") == 1
+
+
+# --- curves ----------------------------------------------------------------------------------
+
+TRAIN_TWO_RUNS = """
+import json, sys
+from pathlib import Path
+from tests.conftest import tiny_config
+from training.train import train
+from scripts.compare_runs import trackio_runs
+tmp = Path(sys.argv[1])
+for name, lr in [("lr_small", "1e-3"), ("lr_big", "3e-2")]:
+    train(tiny_config(tmp / name, [f"run_name={name}", f"optimizer.lr={lr}", "trackio.enabled=true",
+                                   "trackio.project=p", "trainer.log_every=2", "epochs=2",
+                                   "checkpoint.archive_every_epochs=0"]))
+print(json.dumps({r.label: {m: [s for s, _ in r.series[m]] for m in ("train/loss", "eval/energy_distance@nfe4")}
+                  for r in trackio_runs("p")}))
+"""
+
+
+def test_curves_draw_what_trackio_logged_per_step(tmp_path):
+    """Runs logged at steps of their own (a run without the score, a run with a step twice): one line each."""
+    logged = in_trackio(
+        tmp_path,
+        code="""
+import trackio
+for name, points in [("a", [(2, 3.0), (4, 2.0), (6, 1.5)]), ("b", [(2, 5.0), (4, 4.0), (4, 3.5)]), ("c", [])]:
+    trackio.init(project="p", name=name, auto_log_cpu=False, auto_log_gpu=False)
+    for step, v in points:
+        trackio.log({"train/loss": v, **({"eval/fid@nfe10": 10 * v} if name == "a" else {})}, step=step)
+    trackio.log({"train/lr": 1e-3}, step=8)
+    trackio.finish()
+""",
+    )
+    assert logged.returncode == 0, logged.stderr
+    out = tmp_path / "curves.png"
+    done = in_trackio(tmp_path, "--curves", "train/loss", "eval/fid@nfe10", "--trackio-project", "p", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert rows(done.stdout) == {"run": ["train/loss", "eval/fid@nfe10"], "a": ["1.5", "15"], "b": ["3.5", "-"],
+                                 "c": ["-", "-"]}  # fmt: skip
+    assert f"wrote {out}" in done.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width >= 1000 and image.height >= 400
+
+
+@pytest.mark.slow
+def test_curves_draw_real_training_runs_per_step(tmp_path):
+    """Two tiny moons runs logged to a trackio store; --curves draws their loss and score against the step."""
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    trained = subprocess.run([sys.executable, "-c", TRAIN_TWO_RUNS, str(tmp_path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    steps = json.loads(trained.stdout.strip().splitlines()[-1])
+    for run in ("lr_small", "lr_big"):  # a log point every 2 steps; an evaluation after epoch 1, then the final one
+        assert steps[run] == {"train/loss": list(range(2, 17, 2)), "eval/energy_distance@nfe4": [8, 16]}
+    out = tmp_path / "curves.png"
+    done = in_trackio(tmp_path / "trackio", "--curves", "train/loss", "eval/energy_distance@nfe4",
+                      "--trackio-project", "p", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert rows(done.stdout)["run"] == ["train/loss", "eval/energy_distance@nfe4"]
+    assert set(rows(done.stdout)) == {"run", "lr_small", "lr_big"}
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width >= 1000 and image.height >= 400
+    assert [p.name for p in out.parent.glob(".*.tmp")] == []
+
+
+def test_a_step_logged_twice_keeps_its_last_value():
+    logs = [{"step": 2, "train/loss": 5.0}, {"step": 4, "train/loss": 4.0, "note": "x"}, {"step": 2, "train/loss": 4.5},
+            {"step": None, "train/loss": 1.0}, {"step": 3, "eval/fid@nfe10": 9.0, "timestamp": 123.0}]  # fmt: skip
+    assert step_series(logs) == {"train/loss": [(2, 4.5), (4, 4.0)], "eval/fid@nfe10": [(3, 9.0)]}
+
+
+def test_curves_of_a_metric_no_run_logged_name_those_logged():
+    runs = [Run("a", ("a",), {}, {"train/loss": [(2, 1.0)], "eval/fid@nfe10": [(8, 3.0)]})]
+    check_curves(runs, ["train/loss"])
+    with pytest.raises(UserError, match=r"^no run logged --curves metric 'eval/fid@nfe1'; did you mean eval/fid@nfe10"):
+        check_curves(runs, ["eval/fid@nfe1"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--curves", "train/loss"], "--curves needs --out CURVES.png"),
+        (["runs", "--curves", "train/loss", "--out", "c.png"], "metrics.json PATHs hold final values only"),
+        (["runs", "--out", "c.png"], "--out is the image of --curves"),
+    ],
+)
+def test_curves_arguments_are_checked(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

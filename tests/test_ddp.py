@@ -36,6 +36,7 @@ LOSSES = {
     "fm": ["loss._target_=test_ddp.SeededFM"],
     "meanflow": ["loss=meanflow", "loss._target_=test_ddp.SeededMeanFlow"],
 }
+ED4 = "eval/energy_distance@nfe4"
 TOLERANCE = 1e-5  # absolute, on every parameter after 8 AdamW steps in fp32
 
 
@@ -102,6 +103,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # the one-process fm run continues for an epoch in two processes
         ("two_resumed", tmp / "one_fm", [*SMALL, *LOSSES["fm"], "resume=true", "epochs=3"]),
         ("odd_batch", tmp / "odd", [*SMALL, "dataloaders.batch_size=127"]),
+        # rank 0 scores; every rank must stop at the same step and take part in writing best.pt (a collective)
+        (
+            "early_fsdp",
+            tmp / "early_fsdp",
+            [
+                *SMALL,
+                *LOSSES["fm"],
+                "trainer.strategy=fsdp",
+                "epochs=4",
+                f"early_stopping.metric={ED4}",
+                "early_stopping.min_delta=10",
+                "early_stopping.patience=1",
+                f"checkpoint.keep_best={ED4}",
+            ],
+        ),
         # SIGTERM reaches rank 0 alone, at step 5: both ranks stop after step 5
         (
             "sigterm",
@@ -168,6 +184,15 @@ def test_a_one_process_checkpoint_resumes_in_two(runs):
     assert isinstance(runs["two_resumed/0"], dict)
     log = (runs["tmp"] / "one_fm" / "EXPERIMENT_LOG.md").read_text()
     assert log.count("\n## ") == 2 and "train/steps | 12" in log
+
+
+def test_early_stopping_and_best_pt_under_fsdp(runs):
+    """Evaluations after epochs 1-3 (4 steps each); only the first improves by 10: both ranks stop at step 8."""
+    assert runs["early_fsdp/0"] == runs["early_fsdp/1"] == "sharded"
+    folder = next((runs["tmp"] / "early_fsdp").rglob("last.pt")).parent
+    last, best = (torch.load(folder / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert last["step"] == 8 and best["step"] in (4, 8)
+    assert best["metrics"][ED4] <= last["metrics"][ED4]  # the final evaluation competed too
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(runs):

@@ -82,6 +82,15 @@ def test_optuna_search_minimises_the_optimized_metric(tmp_path):
     assert set(results["best_params"]) == {"optimizer.lr", "loss"}  # model.hidden is fixed by SMALL
     assert [r["run_name"] for r in summary_rows(sweep)] == ["hp_0", "hp_1", "hp_2"]
     assert f"Best {OBJECTIVE} (lowest)" in (sweep / "summary.md").read_text()
+    assert "setup plugin" not in out.stdout + out.stderr  # Optuna's alembic announced its plugins before any job
+
+
+@pytest.mark.slow
+def test_hydra_verbose_brings_the_plugin_set_up_lines_back(tmp_path):
+    out = launch(tmp_path, "hparams_search=moons_optuna", "run_name=hpv", "hydra.sweeper.n_trials=1",
+                 f"optimized_metric={OBJECTIVE}", "hydra.verbose=alembic", *SMALL)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "setup plugin alembic.autogenerate.schemas" in out.stdout
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -3,7 +3,7 @@ score it with the sampler and evaluator it was trained with, or the ones the com
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -13,12 +13,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from training import compat, config_tree, distributed
-from training.callbacks.evaluation import Scoring
+from training import compat, config_tree
+from training.callbacks.evaluation import Scoring, run_label
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
+from training.experiment_log import Entry, write
 from training.inference import load_data, model_from_state
-from training.outputs import log_entry, require_run_name, write_json
+from training.outputs import new_entry, require_run_name, write_json
 from training.precision import Precision, resolve_device
 from training.run import build
 from training.tracking import make_tracker
@@ -31,7 +32,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     experiment log and, with trackio enabled, a trackio run ``eval/<run_name>`` at the checkpoint's step.
     """
     run_name = require_run_name(cfg)
-    started, t0 = datetime.now(), time.perf_counter()
+    started = datetime.now()
     path = Path(cfg.eval_checkpoint)
     device = resolve_device(cfg.device)
     precision: Precision = build(cfg, "precision")
@@ -51,11 +52,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     solver = build(OmegaConf.create({"solver": solver_node}), "solver") if solver_node else None
     evaluator = build(OmegaConf.create({"eval": eval_node}), "eval")
     scoring = Scoring(evaluator, solver, load_data(state, path).eval_inputs(), device,
-                      partial(precision.autocast_context, device))  # fmt: skip
+                      partial(precision.autocast_context, device), run_label(run_name, names))  # fmt: skip
     scoring.prepare()
     run_dir = Path(cfg.paths.run_dir)
     source = f"{path.resolve()}@step{state['step']}{'' if cfg.eval_use_ema else ':raw'}"
-    metrics = scoring(model, out_dir=run_dir, source=source)
+    entry = new_entry(cfg, run_name, device, started)
+    entry.evaluates, entry.step = path, int(state["step"])
+    metrics = logged_scoring(entry, lambda: scoring(model, entry.step, run_dir, source))
     metrics["checkpoint_step"] = float(state["step"])
     write_json(run_dir / "metrics.json", {**metrics, **scoring.settings(), "checkpoint": str(path)})
     if cfg.trackio.enabled:
@@ -69,8 +72,22 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
         tracker.log(metrics, step=int(state["step"]))
         tracker.finish()
-    log_entry(distributed.Dist(0, 1, device), cfg, run_name, f"eval of {path}", metrics, path, started, t0)
+    entry.close("completed", metrics, entry.step)
     return metrics, {"model": model, "solver": solver, "run_dir": run_dir}
+
+
+def logged_scoring(entry: Entry, score: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Score with the run's experiment log entry open: written first, closed as failed or interrupted
+    if scoring does not finish (the caller closes it when the run completes)."""
+    write(entry)
+    try:
+        return score()
+    except KeyboardInterrupt:
+        entry.close("interrupted (Ctrl-C)", {}, entry.step)
+        raise
+    except Exception as e:
+        entry.close(f"failed: {type(e).__name__}: {e}", {}, entry.step)
+        raise
 
 
 def _against_checkpoint(cfg: DictConfig, saved: dict[str, Any], group: str) -> DictConfig:

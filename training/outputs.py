@@ -1,20 +1,21 @@
 """What every run leaves behind, training or eval-only: a valid run name, metrics.json, the experiment
-log entry, and the score table the launcher prints."""
+log entry (as it starts; training/experiment_log.py keeps it), and the score table the launcher prints."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
+import shlex
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from training import distributed
 from training.errors import UserError
-from training.experiment_log import append_entry
+from training.experiment_log import Entry, git_commit
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -43,28 +44,39 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def log_entry(
-    ctx: distributed.Dist,
-    cfg: DictConfig,
-    run_name: str,
-    status: str,
-    metrics: dict[str, float],
-    checkpoint: Path | None,
-    started: datetime,
-    t0: float,
-) -> None:
-    if not ctx.is_main:  # one entry per run, however many processes
-        return
-    append_entry(
-        Path(cfg.paths.experiment_log),
-        run_name=run_name,
-        status=status,
-        overrides=list(cfg.get("overrides") or [f"run_name={run_name}"]),
-        metrics=metrics,
-        checkpoint=checkpoint,
-        duration_s=time.perf_counter() - t0,
-        started=started,
+def new_entry(cfg: DictConfig, run_name: str, device: torch.device, started: datetime, processes: int = 1) -> Entry:
+    """The run's experiment log entry as it starts: the command that reproduces it (a sweep job's own
+    ``run_name``), the commit, the machine, the ``note=`` and ``expect=`` of the command line."""
+    overrides = [str(o) for o in cfg.get("overrides") or []]
+    overrides = [f"run_name={run_name}" if o.startswith("run_name=") else o for o in overrides] or [
+        f"run_name={run_name}"
+    ]
+    path = Path(cfg.paths.experiment_log)
+    return Entry(
+        path,
+        run_name,
+        started,
+        command=" ".join(["python", "launcher.py", *map(shell_word, overrides)]),
+        commit=git_commit(path),
+        machine=machine(device, processes),
+        note=cfg.get("note"),
+        expect=cfg.get("expect"),
+        run_dir=Path(cfg.paths.run_dir),
     )
+
+
+def shell_word(arg: str) -> str:
+    """``arg`` as a shell reads it back: Hydra's quoted values (``note='two words'``) in double quotes."""
+    if "'" in arg and not re.search(r'["$`\\!]', arg):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def machine(device: torch.device, processes: int = 1) -> str:
+    """Where a run ran: host, device (with the GPU's name) and the process count."""
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    each = f", {processes} processes" if processes > 1 else ""
+    return f"`{socket.gethostname()}`, {device}{name}{each}, torch {torch.__version__}"
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

@@ -28,13 +28,19 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def mps_bf16() -> bool:
+    """Whether this machine's MPS backend runs bf16 (macOS 14+), so ``precision=bf16`` autocasts on it."""
+    return torch.backends.mps.is_available() and torch.backends.mps.is_macos_or_newer(14, 0)
+
+
 @dataclass
 class Precision:
     """One precision preset (configs/precision/*.yaml).
 
     Weights and optimizer state stay fp32; ``autocast`` runs the forward pass in bf16/fp16;
     ``grad_scaler`` guards fp16 gradients against underflow; ``tf32`` lets fp32 matmuls and
-    convolutions use TensorFloat-32 tensor cores on Ampere and newer GPUs.
+    convolutions use TensorFloat-32 tensor cores on Ampere and newer GPUs. On CPU and Apple GPUs
+    (``device=mps``, macOS 14+) bf16 autocasts too; fp16 (GradScaler) and TF32 need CUDA.
     """
 
     name: str
@@ -60,6 +66,10 @@ class Precision:
             raise UserError(
                 f"precision={self.name} needs an Ampere or newer GPU "
                 f"({torch.cuda.get_device_name(device)} lacks bf16); use precision=fp16 or fp32"
+            )
+        if self.autocast == "bfloat16" and device.type == "mps" and not mps_bf16():
+            raise UserError(
+                f"precision={self.name} on MPS needs macOS 14 or newer (bf16 on Apple GPUs); use precision=fp32"
             )
         if self.tf32 and device.type != "cuda":
             raise UserError(

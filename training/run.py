@@ -20,12 +20,17 @@ from omegaconf.errors import InterpolationResolutionError
 
 from training import compat, distributed
 from training.callbacks import Callback
+from training.callbacks.best_checkpoint import BestCheckpoint
 from training.callbacks.checkpointing import CheckpointWriter
-from training.callbacks.evaluation import PeriodicEval, Scoring
+from training.callbacks.early_stopping import EarlyStopping
+from training.callbacks.evaluation import PeriodicEval, Scoring, run_label
+from training.callbacks.experiment_log import ExperimentLog
+from training.callbacks.loss_plot import LossPlot
 from training.callbacks.stopping import RunControl
 from training.checkpoint import config_differences, load_checkpoint, remove_stale_temps
 from training.errors import UserError, user_errors
 from training.optim import optimizer_groups
+from training.outputs import new_entry
 from training.precision import Precision
 from training.run_lock import LOCK_FILE
 from training.seeding import rng_state, seed_everything, set_rng_state
@@ -96,7 +101,8 @@ def build_run(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> Run:
         )
     solver = build(cfg, "solver") if cfg.get("solver") else None
     autocast = partial(precision.autocast_context, device)
-    scoring = Scoring(build(cfg, "eval"), solver, data.eval_inputs(), device, autocast)
+    scoring = Scoring(build(cfg, "eval"), solver, data.eval_inputs(), device, autocast,
+                      run_label(run_name, cfg.choices))  # fmt: skip
     if ctx.is_main:  # rank 0 evaluates
         scoring.prepare()
     distributed.per_rank_batch(data.batch_size, ctx.world_size)
@@ -121,9 +127,13 @@ def build_run(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> Run:
                               archive_every_epochs=cfg.checkpoint.archive_every_epochs)  # fmt: skip
     control = RunControl(writer, float(cfg.checkpoint.every_minutes))
     periodic = PeriodicEval(scoring, tracker, latest, cfg.eval_use_ema)
+    best = BestCheckpoint(writer, cfg.checkpoint.keep_best, cfg.checkpoint.best_mode)
+    stopper = EarlyStopping(**cfg.early_stopping)  # both act on the evaluations' scores and the log points
+    journal = ExperimentLog(new_entry(cfg, run_name, device, started, ctx.world_size), ckpt_dir, ctx.is_main)
+    plot = LossPlot(Path(cfg.paths.run_dir) / "loss.png", scoring.label)  # redrawn at every checkpoint
     trainer: Trainer = build(cfg, "trainer")(
         model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr_schedule, precision=precision,
-        device=device, tracker=tracker, callbacks=[*adapter, periodic, writer, control],
+        device=device, tracker=tracker, callbacks=[*adapter, periodic, writer, control, best, stopper, plot, journal],
     )  # fmt: skip
     if state is not None:
         with user_errors("resume refused: "):

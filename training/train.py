@@ -19,7 +19,7 @@ from training import distributed
 from training.checkpoint import load_checkpoint
 from training.errors import NonFiniteLossError, RunInterrupted, UserError, user_errors
 from training.eval_only import evaluate
-from training.outputs import log_entry, require_run_name, write_json
+from training.outputs import require_run_name, write_json
 from training.precision import resolve_device
 from training.run import Run, build_run
 from training.run_lock import RunLock
@@ -78,7 +78,7 @@ def _train(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> tuple[dict[
     run.tracker.finish()
     if ctx.is_main:
         write_json(Path(cfg.paths.run_dir) / "metrics.json", {**metrics, **run.scoring.settings()})
-    log_entry(ctx, cfg, run_name, "completed", metrics, run.last_path, run.started, run.t0)
+    ended(run, "completed" + (f" ({trainer.stop_reason})" if trainer.stop_reason else ""), metrics)  # early stopping
     objects = {"model": trainer.model, "ema": trainer.ema, "trainer": trainer, "data": run.data,
                "solver": run.scoring.sampler, "run_dir": Path(cfg.paths.run_dir),
                "checkpoint": run.last_path}  # fmt: skip
@@ -114,6 +114,8 @@ def final_metrics(run: Run) -> dict[str, float]:
         source = f"{run.last_path.resolve()}@step{trainer.step}{'' if cfg.eval_use_ema else ':raw'}"
         metrics = run.scoring(eval_model, trainer.step, Path(cfg.paths.run_dir), source)
     metrics = distributed.broadcast_object(metrics)  # the others wait here for rank 0's evaluation
+    for callback in trainer.callbacks:  # checkpoint.keep_best judges the final scores too
+        callback.on_evaluation(trainer, metrics, final=True)
     metrics["train/final_loss"] = trainer.losses[-1] if trainer.losses else float("nan")
     metrics["train/steps"] = float(trainer.step)
     metrics["train/ms_per_step"] = 1000 * trainer.train_seconds / max(1, trainer.train_steps)
@@ -151,6 +153,13 @@ def failed(run: Run, error: BaseException) -> BaseException:
         )
     else:
         status = f"failed: {type(error).__name__}: {error}"
-    log_entry(run.ctx, run.cfg, run.name, status, latest, kept, run.started, run.t0)
+    ended(run, status, latest)
     run.tracker.finish()
     return error
+
+
+def ended(run: Run, status: str, metrics: dict[str, float]) -> None:
+    """Tell the callbacks how the run ended (the experiment log closes its entry): ``completed`` with the
+    final metrics, or ``failed: ...`` / ``interrupted at step N (...)`` with the latest scores."""
+    for callback in run.trainer.callbacks:
+        callback.on_train_end(run.trainer, status, metrics)

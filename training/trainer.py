@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from tqdm import tqdm
 
 from losses.base import LossOutput
 from training import distributed
@@ -27,6 +26,7 @@ from training.callbacks import Callback
 from training.ema import EMA
 from training.errors import NonFiniteLossError
 from training.precision import Precision
+from training.progress import Position, Progress
 from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Trainer:
         max_rollbacks: int = 3,
         rollback_lr_factor: float = 0.5,
         log_every: int = 50,
+        progress_seconds: float = 30.0,
         compile: bool = False,
         compile_mode: str = "default",
         strategy: str = "ddp",
@@ -80,6 +81,8 @@ class Trainer:
     ):
         _check_settings(nan_policy, grad_accum, log_every, max_consecutive_skips, rollback_lr_factor, max_rollbacks,
                         ema_decay, devices)  # fmt: skip
+        if not isinstance(progress_seconds, (int, float)) or progress_seconds <= 0:
+            raise ValueError(f"trainer.progress_seconds must be a number > 0, got {progress_seconds!r}")
         self.model = model
         self.ema = EMA(model, ema_decay)
         fsdp = strategy == "fsdp" and distributed.active()
@@ -110,6 +113,7 @@ class Trainer:
         self.rollback_lr_factor = rollback_lr_factor
         self.rollbacks = 0
         self.log_every = log_every
+        self.progress_seconds = float(progress_seconds)  # a progress line at least this often, off a terminal
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -117,6 +121,7 @@ class Trainer:
         self.checked_step = 0  # the last step whose loss was read back and found finite
         self._unread: list[LossOutput] = []  # step losses and metrics not yet read back from the device
         self.losses: list[float] = []  # one per optimizer step run in this process
+        self.read_loss = math.nan  # the mean loss of the last window read back, for the progress display
         self.train_seconds = 0.0
         self.train_steps = 0
         self.step_rates: list[float] = []  # steps/s of each logging window, for steady-state speed
@@ -296,6 +301,7 @@ class Trainer:
         means = {k: distributed.mean_across_ranks(torch.stack([out.metrics[k] for out in pending]).mean()).item()
                  for k in keys}  # fmt: skip
         self.losses.extend(values)
+        self.read_loss = sum(values) / len(values)
         self.checked_step = self.step
         pending.clear()
         return values, means
@@ -331,6 +337,13 @@ class Trainer:
         call it before they evaluate or save the weights, so nothing past a NaN is scored or kept."""
         self._flush(self._unread)
 
+    def recent_loss(self) -> float:
+        """For the progress display: the mean loss of the steps not yet read back (this rank's own; a
+        device sync, no collective, nothing marked checked), else that of the last window read."""
+        if self._unread:
+            return torch.stack([out.loss for out in self._unread]).float().mean().item()
+        return self.read_loss
+
     def fit(self, loader: Iterable[dict[str, Tensor]], epochs: int, max_steps: int | None) -> None:
         """Train until ``epochs`` are done, ``max_steps`` optimizer steps are reached or a callback
         sets ``stop_reason``; evaluation and checkpoints are callbacks (``training.callbacks``)."""
@@ -342,9 +355,9 @@ class Trainer:
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
         self.epochs, self.total_steps = epochs, total
         self.model.train()
-        bar = tqdm(
-            total=total, initial=min(self.step, total), desc="train", unit="step", dynamic_ncols=True, disable=None
-        )
+        progress = Progress(total=total, epochs=epochs, steps_per_epoch=steps_per_epoch, start_step=self.step,
+                            log_every=self.log_every, every_seconds=self.progress_seconds,
+                            enabled=distributed.rank() == 0)  # fmt: skip
         pending = self._unread
         window_start, window_steps = time.perf_counter(), 0
         while self.epoch < epochs and self.step < total and self.stop_reason is None:
@@ -370,9 +383,7 @@ class Trainer:
                 group = []
                 hook_metrics = {k: v for cb in self.callbacks for k, v in cb.on_step_end(self).items()}
                 if log_now:
-                    logged = self._log(norms, hook_metrics, (window_start, window_steps))
-                    bar.update(self.step - bar.n)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{logged['train/lr']:.2e}")
+                    self._log(norms, hook_metrics, (window_start, window_steps))
                     window_start, window_steps = time.perf_counter(), 0
                 elif hook_metrics:
                     self.tracker.log(hook_metrics, step=self.step)
@@ -383,6 +394,9 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 else:
                     window_start += time.perf_counter() - hooks_start
+                at = Position(self.step, self.epoch, self.batch_in_epoch // self.grad_accum,
+                              self.optimizer.param_groups[0]["lr"])  # fmt: skip
+                progress.update(at, self.recent_loss)
                 if self.step >= total or self.stop_reason is not None:
                     stopped = True
                     break
@@ -401,7 +415,7 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
         if self.stop_reason is not None:
             log.info("training stopped at step %d: %s", self.step, self.stop_reason)
-        bar.close()
+        progress.close()
 
 
 def _mean_output(outputs: list[LossOutput]) -> LossOutput:

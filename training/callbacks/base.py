@@ -7,9 +7,13 @@ The trainer calls, in order: ``param_groups`` once before the optimizer is built
 EMA update; cheap per-step machinery), ``on_log`` at log points with the step losses just read back,
 and ``after_step`` (after the log point: the place for work that reads or saves the weights, which
 calls ``trainer.check_losses()`` first so nothing past a NaN is kept); ``on_epoch_end`` after every
-completed epoch (the losses checked), and ``on_checkpoint`` after every checkpoint written. Metrics a
-hook returns are logged at that step. A callback ends training by setting ``trainer.stop_reason``.
-Its ``state_dict`` travels in the checkpoint.
+completed epoch (the losses checked), ``on_checkpoint`` after every checkpoint written, and
+``on_evaluation`` after every evaluation with its scores (the periodic ones, from within ``after_step`` or
+``on_epoch_end``, and the final one after training, ``final=True``; rank 0's scores, on every rank, so
+every rank decides alike); training/train.py calls ``on_train_end`` once, however the run ended (``status``:
+``completed``, ``failed: ...`` or ``interrupted at step N (...)``; ``metrics``: the final ones, or the latest
+scores). Metrics a hook returns are logged at that step. A callback ends training by
+setting ``trainer.stop_reason``. Its ``state_dict`` travels in the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ class Callback:
         pass
 
     def on_checkpoint(self, trainer: Any, path: Path) -> None:
+        pass
+
+    def on_evaluation(self, trainer: Any, metrics: dict[str, float], final: bool) -> None:
+        pass
+
+    def on_train_end(self, trainer: Any, status: str, metrics: dict[str, float]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@
   fixed held-out batch (fixed timesteps and noise) is compared with its value at the start; when it
   is more than ``early_stop_threshold`` (relative) worse for ``patience`` checks in a row, training
   stops and the trained weights of the best check (lowest loss with CLIP among the checks that
-  kept the baseline) are restored, in the model and its EMA.
+  kept the baseline) are restored, in the model and its EMA. The count and the best are a ``Plateau``,
+  the bookkeeping of every model's ``early_stopping`` (training/callbacks/early_stopping.py).
 - **Dry runs** every ``dry_run_interval`` steps: the CLIP path computed with its gates at exactly 0
   must give the baseline's output bit for bit; the largest difference is logged.
 - **Rollback**: at each log point, a step loss above ``spike_factor`` x the median of the last
@@ -41,6 +42,7 @@ from evaluation.contract import eval_mode
 from losses.clip_adapter_kl import without_clip
 from losses.diffusion import DiffusionLoss
 from training.callbacks.base import Callback
+from training.callbacks.early_stopping import Plateau
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,9 @@ class ClipAdapterTraining(Callback):
         self.seed = seed
         # state that travels in the checkpoint
         self.reference: float | None = None  # the baseline loss at the start of training
-        self.best_loss = float("inf")
-        self.best_step = 0
+        # the best check's loss with CLIP (among those that kept the baseline), and the checks in a row that did not
+        self.plateau = Plateau("min", patience=patience)
         self.best_state: dict[str, Tensor] | None = None
-        self.bad_checks = 0
         self.rollbacks = 0
         self.history: list[float] = []
         # set up in on_train_start
@@ -152,7 +153,8 @@ class ClipAdapterTraining(Callback):
             self.val = self._validation_batch(trainer, data)
         if self.early_stop_every and self.reference is None:
             self.reference, adapted = self._val_losses(trainer)
-            self.best_loss, self.best_step, self.best_state = adapted, trainer.step, self._weights()
+            self.plateau.record(adapted, trainer.step)
+            self.best_state = self._weights()
             log.info("adapter early stopping: baseline loss %.5g at the start (threshold +%.0f%%, patience %d)",
                      self.reference, 100 * self.early_stop_threshold, self.patience)  # fmt: skip
 
@@ -191,10 +193,10 @@ class ClipAdapterTraining(Callback):
         return {
             "phase": self.phase,
             "reference": self.reference,
-            "best_loss": self.best_loss,
-            "best_step": self.best_step,
+            "best_loss": self.plateau.best,
+            "best_step": self.plateau.best_step,
             "best_state": self.best_state,
-            "bad_checks": self.bad_checks,
+            "bad_checks": self.plateau.misses,
             "rollbacks": self.rollbacks,
             "history": list(self.history),
         }
@@ -205,8 +207,10 @@ class ClipAdapterTraining(Callback):
                 f"this run trained adapter_training.phase={state['phase']}, not {self.phase}; start the next phase "
                 "as a new run from this one's adapter file (experiment=glide_clip_phase2/3)"
             )
-        self.reference, self.best_loss, self.best_step = state["reference"], state["best_loss"], state["best_step"]
-        self.best_state, self.bad_checks, self.rollbacks = state["best_state"], state["bad_checks"], state["rollbacks"]
+        self.reference, self.best_state, self.rollbacks = state["reference"], state["best_state"], state["rollbacks"]
+        self.plateau.load_state_dict(
+            {"best": state["best_loss"], "best_step": state["best_step"], "misses": state["bad_checks"]}
+        )
         self.history = list(state["history"])
 
     # --- checks ----------------------------------------------------------------------------
@@ -259,22 +263,21 @@ class ClipAdapterTraining(Callback):
         assert self.reference is not None
         base, adapted = self._val_losses(trainer)
         degradation = (base - self.reference) / self.reference
-        if degradation > self.early_stop_threshold:
-            self.bad_checks += 1
-        else:
-            self.bad_checks = 0
-            if adapted < self.best_loss:
-                self.best_loss, self.best_step, self.best_state = adapted, trainer.step, self._weights()
-        if self.bad_checks >= self.patience:
+        kept = degradation <= self.early_stop_threshold
+        self.plateau.count(kept)
+        if kept and self.plateau.improves(adapted):
+            self.plateau.record(adapted, trainer.step)
+            self.best_state = self._weights()
+        if self.plateau.exhausted:
             assert self.best_state is not None
             self._load_weights(trainer, self.best_state, ema=True)
             trainer.stop_reason = (
                 f"early stopping: the loss without CLIP is {100 * degradation:.1f}% above its start "
                 f"({base:.5g} vs {self.reference:.5g}; threshold {100 * self.early_stop_threshold:.0f}%) for "
-                f"{self.patience} checks; restored the trained weights of step {self.best_step}"
+                f"{self.patience} checks; restored the trained weights of step {self.plateau.best_step}"
             )
-        return {"adapter/baseline_loss": base, "adapter/val_loss": adapted,
-                "adapter/baseline_degradation": degradation, "adapter/bad_checks": float(self.bad_checks)}  # fmt: skip
+        return {"adapter/baseline_loss": base, "adapter/val_loss": adapted, "adapter/baseline_degradation": degradation,
+                "adapter/bad_checks": float(self.plateau.misses)}  # fmt: skip
 
     # --- snapshots ---------------------------------------------------------------------------
     def _weights(self) -> dict[str, Tensor]:

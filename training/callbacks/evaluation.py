@@ -5,6 +5,7 @@ raw weights; the scores go to the tracker and into the next checkpoint."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,20 @@ class Scoring:
     held_out: HeldOut
     device: torch.device
     autocast: Autocast
+    label: str = ""  # the run and its model, for the pictures' titles (``run_label``)
 
     def __call__(
         self, model: nn.Module, step: int | None = None, out_dir: Path | None = None, source: str = ""
     ) -> dict[str, float]:
-        ctx = EvalContext(self.device, self.autocast, out_dir, step, source)
+        ctx = EvalContext(self.device, self.autocast, out_dir, step, source, self.label)
+        at = f" at step {step}" if step is not None else ""
+        sampler = f" with {type(self.sampler).__name__}" if self.sampler is not None else ""
+        log.info("evaluating%s: %s%s", at, type(self.evaluator).__name__, sampler)  # its own progress, in any log
+        start = time.monotonic()
         with user_errors(kinds=(EvaluationError,)):
-            return self.evaluator(model, self.sampler, self.held_out, ctx)
+            metrics = self.evaluator(model, self.sampler, self.held_out, ctx)
+        log.info("evaluation%s took %.1f s", at, time.monotonic() - start)
+        return metrics
 
     def prepare(self) -> None:
         """Load what the evaluator needs now: a missing FID reference fails before training, not after."""
@@ -78,7 +86,16 @@ class PeriodicEval(Callback):
         if model is not None:
             self.latest.update(self.scoring(model, step=trainer.step))
             self.tracker.log(self.latest, step=trainer.step)
-        distributed.barrier()
+        scores = distributed.broadcast_object(dict(self.latest))  # rank 0's, so every rank's callbacks agree
+        for callback in trainer.callbacks:  # keep_best, early stopping
+            callback.on_evaluation(trainer, scores, final=False)
+
+
+def run_label(run_name: str, choices: dict[str, str]) -> str:
+    """What the pictures of a run are titled with: ``digits_mf (unet, meanflow)``, the run and the
+    model and loss options it was made of."""
+    parts = [choices[g] for g in ("model", "loss") if choices.get(g) not in (None, "null")]
+    return f"{run_name} ({', '.join(parts)})" if parts else run_name
 
 
 def brief(metrics: dict[str, float]) -> str:
