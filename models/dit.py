@@ -51,7 +51,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        # contiguous: a transposed view would carry its (B, D, T) layout through every residual add, and
+        # each layer norm and linear would copy it back
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
 
 
 class Attention(nn.Module):

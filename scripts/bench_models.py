@@ -273,8 +273,8 @@ def step_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
     """The peak one more call reaches above what was held before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    reset_peak_memory(device)  # on the CPU this first returns freed memory to the system: read what is held after it
     before = current_memory_mb(device)
-    reset_peak_memory(device)
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
