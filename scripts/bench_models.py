@@ -80,21 +80,12 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 # --- diffusers' models behind our model contract ----------------------------------------------------
-class DiffusersUNet(nn.Module):
-    """``UNet2DModel`` as ``v(x, t, r, cond)``: time scaled to its 0-1000 range, the null class last."""
+class Diffusers(nn.Module):
+    """A diffusers model called ``net(x, timestep, class_labels=...)`` (``UNet2DModel``,
+    ``DiTTransformer2DModel``) as ``v(x, t, r, cond)``: time scaled to its 0-1000 range, the null
+    class its label table's last row."""
 
-    def __init__(self, net: UNet2DModel):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor, t: Tensor, r: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.net(x, 1000 * t, class_labels=null_last(cond, len(x), x.device)).sample
-
-
-class DiffusersDiT(nn.Module):
-    """``DiTTransformer2DModel`` as ``v(x, t, r, cond)``; its label table's last row is the null class."""
-
-    def __init__(self, net: DiTTransformer2DModel):
+    def __init__(self, net: UNet2DModel | DiTTransformer2DModel):
         super().__init__()
         self.net = net
 
@@ -128,7 +119,7 @@ def unet_pair(args: argparse.Namespace) -> Pair:
                     activation_checkpointing=checkpointing)  # fmt: skip
 
     def theirs() -> nn.Module:
-        return DiffusersUNet(UNet2DModel(
+        return Diffusers(UNet2DModel(
             sample_size=16, in_channels=1, out_channels=1, block_out_channels=(c, 2 * c),
             layers_per_block=args.unet_res_blocks, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
             up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=2 * c // 4,
@@ -144,7 +135,7 @@ def dit_pair(args: argparse.Namespace, width: int, depth: int, heads: int, size:
                    num_classes=NUM_CLASSES, activation_checkpointing=checkpointing)  # fmt: skip
 
     def theirs() -> nn.Module:
-        return DiffusersDiT(DiTTransformer2DModel(
+        return Diffusers(DiTTransformer2DModel(
             num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4, out_channels=4,
             num_layers=depth, sample_size=size, patch_size=2, num_embeds_ada_norm=NUM_CLASSES,
         ))  # fmt: skip

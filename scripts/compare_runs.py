@@ -354,8 +354,6 @@ def plot_format(out: Path, option: str = "--plot") -> str:
 
 def plot(runs: Sequence[Run], columns: Sequence[str], out: Path) -> None:
     """One panel per metric family, one colour per run; written atomically (tmp file, then rename)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure  # renders through Agg: no GUI backend, no pyplot state
     from matplotlib.lines import Line2D
 
     numeric = set(numeric_columns(runs))
@@ -363,18 +361,39 @@ def plot(runs: Sequence[Run], columns: Sequence[str], out: Path) -> None:
     if not fams:
         raise UserError("nothing to plot: --metrics selects no numeric metric")
     fmt = plot_format(out)
-    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
-    colors = [cmap(i % cmap.N) for i in range(len(runs))]
-    ncols = min(3, len(fams))
-    nrows = math.ceil(len(fams) / ncols)
-    fig = Figure(figsize=(4.5 * ncols + 2.5, 3.4 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, fam in zip(axes, fams, strict=False):
+    colors = run_colors(len(runs))
+    fig, axes = panel_figure(len(fams), max_cols=3, panel_size=(4.5, 3.4))
+    for ax, fam in zip(axes, fams, strict=True):
         (nfe_panel if fam.nfe else bar_panel)(ax, fam, runs, colors)
-    for ax in axes[len(fams) :]:
-        ax.set_visible(False)
     handles = [Line2D([], [], color=c, marker="o", label=r.label) for r, c in zip(runs, colors, strict=True)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    save_chart(fig, out, fmt)
+
+
+def run_colors(n: int) -> list[Any]:
+    """One colour per run, the same in every panel."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def panel_figure(count: int, max_cols: int, panel_size: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels in rows of at most ``max_cols``, room on the right for the legend;
+    the panels to draw in (the grid's spare ones hidden)."""
+    from matplotlib.figure import Figure  # renders through Agg: no GUI backend, no pyplot state
+
+    ncols = min(max_cols, count)
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(panel_size[0] * ncols + 2.5, panel_size[1] * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def save_chart(fig: Any, out: Path, fmt: str) -> None:
+    """Written atomically (tmp file, then rename): a chart that exists is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     fig.savefig(tmp, format=fmt, dpi=120)
@@ -429,28 +448,17 @@ def check_curves(runs: Sequence[Run], metrics: Sequence[str]) -> None:
 def plot_curves(runs: Sequence[Run], metrics: Sequence[str], out: Path, title: str) -> None:
     """One panel per metric against the step, one line (one colour, the same in every panel) per run;
     written atomically (tmp file, then rename)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure  # renders through Agg: no GUI backend, no pyplot state
     from matplotlib.lines import Line2D
 
     fmt = plot_format(out, "--out")
-    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
-    colors = [cmap(i % cmap.N) for i in range(len(runs))]
-    ncols = min(2, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(5.5 * ncols + 2.5, 3.8 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, metric in zip(axes, metrics, strict=False):
+    colors = run_colors(len(runs))
+    fig, axes = panel_figure(len(metrics), max_cols=2, panel_size=(5.5, 3.8))
+    for ax, metric in zip(axes, metrics, strict=True):
         curve_panel(ax, metric, runs, colors)
-    for ax in axes[len(metrics) :]:
-        ax.set_visible(False)
     handles = [Line2D([], [], color=c, label=r.label) for r, c in zip(runs, colors, strict=True)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="run")
     fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=120)
-    tmp.replace(out)
+    save_chart(fig, out, fmt)
 
 
 def curve_panel(ax: Any, metric: str, runs: Sequence[Run], colors: Sequence[Any]) -> None:

@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tests.helpers import Recorder  # noqa: E402
+from training import run as run_module  # noqa: E402
 from training.compose import compose_config  # noqa: E402
 
 torch.set_num_threads(2)
@@ -74,3 +76,11 @@ def image_folder(tmp_path: Path) -> Path:
             colour = (10 * i, 100 * c, 255 - 10 * i)
             Image.new("RGB", (12, 10), colour).save(root / name / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """What a run logs to its tracker, kept in memory instead of trackio."""
+    rec = Recorder()
+    monkeypatch.setattr(run_module, "make_tracker", lambda *a, **k: rec)
+    return rec

@@ -86,3 +86,20 @@ class SignalAt(Callback):
             for name in self.signals:
                 os.kill(os.getpid(), getattr(signal, name))
         return {}
+
+
+class Recorder:
+    """A tracker that keeps what the run logs (the ``recorder`` fixture puts it in place of trackio)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def finish(self) -> None:
+        pass
+
+    def values(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of ``key``, once per step (the final evaluation logs again what it scored)."""
+        return list(dict((step, m[key]) for step, m in self.rows if key in m).items())

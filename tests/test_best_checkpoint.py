@@ -11,37 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from training import run as run_module
 from training.callbacks.early_stopping import Plateau, direction
 from training.checkpoint import load_checkpoint
 from training.errors import NonFiniteLossError, UserError
 from training.train import train
 
 ED4 = "eval/energy_distance@nfe4"
-
-
-class Recorder:
-    """A tracker that keeps what the run logs."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def finish(self) -> None:
-        pass
-
-    def values(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) of ``key``, once per step (the final evaluation logs again what it scored)."""
-        return list(dict((step, m[key]) for step, m in self.rows if key in m).items())
-
-
-@pytest.fixture
-def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    rec = Recorder()
-    monkeypatch.setattr(run_module, "make_tracker", lambda *a, **k: rec)
-    return rec
 
 
 # --- Plateau ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from models.glide import GlideUNet
 from scripts import sample_glide
 from tests.clip_helpers import register_tiny_clip, tiny_clip_weights
 from tests.conftest import GLIDE_DATA
-from training import run as run_module
+from tests.helpers import Recorder
 from training.callbacks.clip_adapter import ClipAdapterTraining
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
@@ -112,29 +112,6 @@ def adapter_cfg(make_cfg, patches: Path, clip_model: tuple[str, Path], base: Pat
         "adapter_training.spike_factor=0",
         "checkpoint.archive_every_epochs=0", "epochs=100", *overrides,
     )  # fmt: skip
-
-
-class Recorder:
-    """A tracker that keeps what the trainer logs."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def finish(self) -> None:
-        pass
-
-    def values(self, key: str) -> list[tuple[int, float]]:
-        return [(step, m[key]) for step, m in self.rows if key in m]
-
-
-@pytest.fixture
-def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    rec = Recorder()
-    monkeypatch.setattr(run_module, "make_tracker", lambda *a, **k: rec)
-    return rec
 
 
 def band_losses(model, schedule, batch: dict, bands: list[tuple[int, int]]) -> list[tuple[float, float]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -68,8 +67,6 @@ class Run:
     writer: CheckpointWriter
     control: RunControl
     resolved: dict[str, Any]
-    started: datetime  # for the experiment log: when the run began, and its duration
-    t0: float
 
     @property
     def last_path(self) -> Path:
@@ -80,7 +77,7 @@ def build_run(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> Run:
     """Check the composition, build every object (a resumed run loads its state into them) and the hook
     list: the adapter's recipe first (its state's place in checkpoints), then evaluation, checkpoints,
     stop signals. An overwritten run is deleted only once data, model, loss and optimizer were built."""
-    started, t0 = datetime.now(), time.perf_counter()
+    started = datetime.now()  # the experiment log's start time
     device = ctx.device
     precision: Precision = build(cfg, "precision")
     precision.check(device)
@@ -148,7 +145,7 @@ def build_run(cfg: DictConfig, run_name: str, ctx: distributed.Dist) -> Run:
              sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, device, precision.name)  # fmt: skip
     if cfg.nan_policy == "rollback" and state is None:
         writer.write(trainer, writer.last)  # step 0: what the first NaN rolls back to, once step 1's loss is finite
-    return Run(cfg, run_name, ctx, data, loader, trainer, scoring, tracker, writer, control, resolved, started, t0)
+    return Run(cfg, run_name, ctx, data, loader, trainer, scoring, tracker, writer, control, resolved)
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
